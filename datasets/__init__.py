@@ -1,0 +1,1 @@
+"""TFDS builders shipped with auxmtl_jax (importable as `auxmtl_datasets`)."""

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=.venv
-stamp=$venv/.installed-$(sha1sum setup.cfg pyproject.toml | sha1sum | cut -c1-12)
+stamp=$venv/.installed-$(sha1sum setup.cfg setup.py pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip

@@ -1,0 +1,329 @@
+"""Streaming evaluation metrics for the dense-prediction tasks, accumulated on device.
+
+`init_state` makes zeroed sums / counts / histograms, the jit-able `update_state` adds one global batch (ignore and
+invalid pixels excluded), and `compute` turns the state into plain Python floats on the host. Every metric is a
+per-pixel statistic over the whole evaluation set (not a mean of per-batch means), so streaming any split of the
+data into batches gives the same result.
+
+Conventions:
+- Segmentation: confusion matrix over pixels whose label is a class id in [0, num_classes) (255 and any other
+  out-of-range label are ignored); the prediction is the arg-max of the logits. `miou` averages the per-class IoU
+  over the classes present in the ground truth OR the prediction (classes with an empty union are left out, the
+  common convention); `pixel_acc` is the fraction of correctly labelled pixels.
+- Depth, on pixels with label depth d* > 0: `abs_err` = mean |d - d*| (metres), `rel_err` = mean |d - d*| / d*,
+  `rms` = sqrt(mean (d - d*)^2), `delta<k>` = fraction with max(d/d*, d*/d) < 1.25^k; a prediction d <= 0 never
+  counts as within a delta threshold.
+- Normals, on pixels whose label is not all-zero: the angle between prediction and label in degrees (both
+  re-normalised); `mean`, `median`, and `within_<t>` = fraction of angles < t. The median comes from a histogram
+  of ANGLE_BIN_DEGREES-wide bins, interpolated inside its bin, so it is within one bin width (0.01 degrees) of the
+  exact median.
+- Fractions (miou, pixel_acc, delta*, within_*) stay fractions in `compute`; `format_table` prints them as %.
+- A task without a single valid pixel in the whole state gives NaN for its metrics.
+
+Counts are exact: each is kept as two int32 words (high * 2**20 + low), so a state can hold far more than 2**31
+pixels without x64. Float sums use compensated (Neumaier) summation across batches.
+"""
+
+import math
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from auxmtl_jax import tasks as tasks_lib
+
+ANGLE_BIN_DEGREES = 0.01
+NUM_ANGLE_BINS = 18000
+DEPTH_DELTA_BASE = 1.25
+NORMAL_ANGLE_THRESHOLDS = (11.25, 22.5, 30.0)
+_COUNTER_LOW_BITS = 20
+
+HIGHER_IS_BETTER: dict[str, dict[str, bool]] = {
+    'segmentation': {'miou': True, 'pixel_acc': True},
+    'depth': {'abs_err': False, 'rel_err': False, 'rms': False, 'delta1': True, 'delta2': True, 'delta3': True},
+    'normal': {'mean': False, 'median': False, 'within_11.25': True, 'within_22.5': True, 'within_30': True},
+}
+FRACTION_METRICS = frozenset({'miou', 'pixel_acc', 'delta1', 'delta2', 'delta3',
+                              'within_11.25', 'within_22.5', 'within_30'})
+
+Results = Mapping[str, Mapping[str, float]]
+
+
+def init_state(tasks: Iterable[str], num_classes: int | None = None) -> dict:
+    """Zeroed metric state for `tasks` (a pytree of jnp arrays); segmentation needs `num_classes`."""
+    tasks = tuple(tasks)
+    tasks_lib.validate_tasks(tasks, what='metrics.init_state(tasks)')
+    state = {}
+    if 'segmentation' in tasks:
+        classes = tasks_lib.output_channels('segmentation', num_classes)
+        state['segmentation'] = {'confusion': _zero_counter((classes, classes))}
+    if 'depth' in tasks:
+        state['depth'] = {'abs_err': _zero_sum(), 'rel_err': _zero_sum(), 'squared_err': _zero_sum(),
+                          'pixels': _zero_counter(()), 'within_delta': _zero_counter((3,))}
+    if 'normal' in tasks:
+        state['normal'] = {'angle': _zero_sum(), 'pixels': _zero_counter(()),
+                           'within_angle': _zero_counter((len(NORMAL_ANGLE_THRESHOLDS),)),
+                           'angle_histogram': _zero_counter((NUM_ANGLE_BINS,))}
+    return state
+
+
+def update_state(state: dict, predictions: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict:
+    """Adds one (global) batch to every task in `state`; extra prediction or batch keys are not used. Jit-able."""
+    missing = [task for task in state if task not in predictions or task not in batch]
+    if missing:
+        raise KeyError(f'metrics.update_state: the state tracks {sorted(state)} but {missing} is missing from '
+                       f'the predictions {sorted(predictions)} or the batch {sorted(batch)}')
+    updaters = {'segmentation': _update_segmentation, 'depth': _update_depth, 'normal': _update_normal}
+    new_state = {}
+    for task, task_state in state.items():
+        prediction, label = predictions[task], batch[task]
+        tasks_lib.check_prediction_shape(task, prediction, label)
+        new_state[task] = updaters[task](task_state, prediction.astype(jnp.float32), label)
+    return new_state
+
+
+def compute(state: dict) -> dict[str, dict[str, float]]:
+    """Host side: {task: {metric: Python float}} from an accumulated state."""
+    host_state = jax.device_get(state)
+    computers = {'segmentation': _segmentation_results, 'depth': _depth_results, 'normal': _normal_results}
+    unknown = [task for task in host_state if task not in computers]
+    if unknown:
+        raise ValueError(f'metrics.compute: state has unknown task(s) {unknown}; expected a state from init_state')
+    return {task: computers[task](task_state) for task, task_state in host_state.items()}
+
+
+def delta_m(results: Results, references: Results) -> float:
+    """Δm% of `results` against `references` (e.g. single-task runs), averaged over every shared metric.
+
+    Δm = mean_i s_i (M_i - R_i) / R_i * 100 with s_i = +1 where higher is better and -1 where lower is better
+    (Maninis et al. 2019; Vandenhende et al. 2021), so a positive Δm means better than the reference.
+    """
+    terms = []
+    for task, task_results in results.items():
+        for metric, value in task_results.items():
+            if metric not in references.get(task, {}):
+                continue
+            reference = references[task][metric]
+            higher_is_better = _higher_is_better(task, metric)
+            if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+                raise ValueError(f'delta_m: {task}/{metric} needs finite values and a non-zero reference, '
+                                 f'got result {value!r} and reference {reference!r}')
+            sign = 1.0 if higher_is_better else -1.0
+            terms.append(sign * (value - reference) / reference * 100.0)
+    if not terms:
+        raise ValueError(f'delta_m: results and references share no metric (results: {_metric_names(results)}; '
+                         f'references: {_metric_names(references)})')
+    return float(sum(terms) / len(terms))
+
+
+def format_table(rows: Mapping[str, Results], references: Results | None = None) -> str:
+    """Fixed-width table: one row per run, one column per task/metric (arrow = better direction), Δm% if given.
+
+    Fractions are printed as percentages, depth errors in metres (4 decimals), angles in degrees. A metric a run
+    does not have is shown as '-'; so is Δm% for a run sharing no metric with `references`.
+    """
+    columns = _table_columns(rows)
+    groups: dict[str, list[tuple[str, list[str]]]] = {}
+    for task, metric in columns:
+        arrow = '↑' if _higher_is_better(task, metric) else '↓'
+        header = f'{metric}{"%" if metric in FRACTION_METRICS else ""}{arrow}'
+        cells = [_format_value(metric, results.get(task, {}).get(metric)) for results in rows.values()]
+        groups.setdefault(task, []).append((header, cells))
+    if references is not None:
+        cells = [_format_delta_m(results, references) for results in rows.values()]
+        groups['Δm% vs reference'] = [('Δm%↑', cells)]
+    return _render(list(rows), groups)
+
+
+def _zero_counter(shape: tuple[int, ...]) -> dict[str, jax.Array]:
+    return {'high': jnp.zeros(shape, jnp.int32), 'low': jnp.zeros(shape, jnp.int32)}
+
+
+def _add_to_counter(counter: dict[str, jax.Array], increment: jax.Array) -> dict[str, jax.Array]:
+    """Exact add of a per-batch int32 count (< 2**31 - 2**20) to a two-word counter."""
+    total = counter['low'] + increment.astype(jnp.int32)
+    return {'high': counter['high'] + (total >> _COUNTER_LOW_BITS),
+            'low': total & ((1 << _COUNTER_LOW_BITS) - 1)}
+
+
+def _counter_value(counter: Mapping[str, np.ndarray]) -> np.ndarray:
+    return (np.asarray(counter['high'], np.int64) << _COUNTER_LOW_BITS) + np.asarray(counter['low'], np.int64)
+
+
+def _zero_sum() -> dict[str, jax.Array]:
+    return {'sum': jnp.zeros((), jnp.float32), 'correction': jnp.zeros((), jnp.float32)}
+
+
+def _add_to_sum(accumulator: dict[str, jax.Array], increment: jax.Array) -> dict[str, jax.Array]:
+    """Neumaier-compensated add: the rounding error of each add is kept in `correction`."""
+    running, increment = accumulator['sum'], increment.astype(jnp.float32)
+    total = running + increment
+    lost = jnp.where(jnp.abs(running) >= jnp.abs(increment), (running - total) + increment,
+                     (increment - total) + running)
+    return {'sum': total, 'correction': accumulator['correction'] + lost}
+
+
+def _sum_value(accumulator: Mapping[str, np.ndarray]) -> float:
+    return float(np.float64(accumulator['sum']) + np.float64(accumulator['correction']))
+
+
+def _update_segmentation(state: dict, logits: jax.Array, label: jax.Array) -> dict:
+    num_classes = state['confusion']['low'].shape[0]
+    if logits.shape[-1] != num_classes:
+        raise ValueError(f'metrics.update_state: segmentation logits have {logits.shape[-1]} classes but the '
+                         f'state was made for num_classes={num_classes}')
+    valid = tasks_lib.segmentation_valid_mask(label, num_classes)
+    predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    cell = jnp.where(valid, label.astype(jnp.int32) * num_classes + predicted, num_classes * num_classes)
+    counts = jnp.bincount(cell.reshape(-1), length=num_classes * num_classes + 1)[:-1]
+    return {'confusion': _add_to_counter(state['confusion'], counts.reshape(num_classes, num_classes))}
+
+
+def _update_depth(state: dict, depth: jax.Array, label: jax.Array) -> dict:
+    depth, label = depth[..., 0], label[..., 0].astype(jnp.float32)
+    valid = label > 0
+    safe_label = jnp.where(valid, label, 1.0)
+    error = jnp.where(valid, depth - label, 0.0)
+    thresholds = DEPTH_DELTA_BASE ** jnp.arange(1, 4, dtype=jnp.float32)
+    # max(d/d*, d*/d) < t  <=>  d < t*d* and d* < t*d  (for d* > 0), which needs no division by d.
+    within = (valid[..., None] & (depth[..., None] < thresholds * safe_label[..., None])
+              & (safe_label[..., None] < thresholds * depth[..., None]))
+    return {'abs_err': _add_to_sum(state['abs_err'], jnp.sum(jnp.abs(error))),
+            'rel_err': _add_to_sum(state['rel_err'], jnp.sum(jnp.abs(error) / safe_label)),
+            'squared_err': _add_to_sum(state['squared_err'], jnp.sum(error * error)),
+            'pixels': _add_to_counter(state['pixels'], jnp.sum(valid, dtype=jnp.int32)),
+            'within_delta': _add_to_counter(state['within_delta'],
+                                            jnp.sum(within, axis=(0, 1, 2), dtype=jnp.int32))}
+
+
+def _update_normal(state: dict, normal: jax.Array, label: jax.Array) -> dict:
+    label = label.astype(jnp.float32)
+    valid = jnp.any(label != 0, axis=-1)
+    angle = jnp.where(valid, angle_degrees(normal, label), 0.0)
+    thresholds = jnp.asarray(NORMAL_ANGLE_THRESHOLDS, jnp.float32)
+    within = valid[..., None] & (angle[..., None] < thresholds)
+    angle_bin = jnp.clip(jnp.floor(angle / ANGLE_BIN_DEGREES).astype(jnp.int32), 0, NUM_ANGLE_BINS - 1)
+    angle_bin = jnp.where(valid, angle_bin, NUM_ANGLE_BINS)
+    histogram = jnp.bincount(angle_bin.reshape(-1), length=NUM_ANGLE_BINS + 1)[:-1]
+    return {'angle': _add_to_sum(state['angle'], jnp.sum(angle)),
+            'pixels': _add_to_counter(state['pixels'], jnp.sum(valid, dtype=jnp.int32)),
+            'within_angle': _add_to_counter(state['within_angle'], jnp.sum(within, axis=(0, 1, 2), dtype=jnp.int32)),
+            'angle_histogram': _add_to_counter(state['angle_histogram'], histogram)}
+
+
+def angle_degrees(normal: jax.Array, label: jax.Array) -> jax.Array:
+    """Angle in degrees between two vector fields [..., 3], via atan2(|a x b|, a.b) (accurate for small angles)."""
+    normal, label = tasks_lib.unit_vectors(normal), tasks_lib.unit_vectors(label)
+    cross_norm = jnp.linalg.norm(jnp.cross(normal, label), axis=-1)
+    return jnp.degrees(jnp.arctan2(cross_norm, jnp.sum(normal * label, axis=-1)))
+
+
+def _segmentation_results(state: dict) -> dict[str, float]:
+    confusion = _counter_value(state['confusion'])
+    total = confusion.sum()
+    if total == 0:
+        return {'miou': math.nan, 'pixel_acc': math.nan}
+    correct = np.diag(confusion)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - correct
+    present = union > 0
+    return {'miou': float(np.mean(correct[present] / union[present])),
+            'pixel_acc': float(correct.sum() / total)}
+
+
+def _depth_results(state: dict) -> dict[str, float]:
+    pixels = int(_counter_value(state['pixels']))
+    names = ('abs_err', 'rel_err', 'rms', 'delta1', 'delta2', 'delta3')
+    if pixels == 0:
+        return dict.fromkeys(names, math.nan)
+    within = _counter_value(state['within_delta']) / pixels
+    return {'abs_err': _sum_value(state['abs_err']) / pixels,
+            'rel_err': _sum_value(state['rel_err']) / pixels,
+            'rms': math.sqrt(_sum_value(state['squared_err']) / pixels),
+            'delta1': float(within[0]), 'delta2': float(within[1]), 'delta3': float(within[2])}
+
+
+def _normal_results(state: dict) -> dict[str, float]:
+    pixels = int(_counter_value(state['pixels']))
+    within_names = [f'within_{threshold:g}' for threshold in NORMAL_ANGLE_THRESHOLDS]
+    if pixels == 0:
+        return dict.fromkeys(['mean', 'median', *within_names], math.nan)
+    within = _counter_value(state['within_angle']) / pixels
+    results = {'mean': _sum_value(state['angle']) / pixels,
+               'median': histogram_median(_counter_value(state['angle_histogram']), ANGLE_BIN_DEGREES)}
+    results.update({name: float(fraction) for name, fraction in zip(within_names, within)})
+    return results
+
+
+def histogram_median(histogram: np.ndarray, bin_width: float) -> float:
+    """Median of values binned in [k*w, (k+1)*w), each order statistic placed evenly inside its bin.
+
+    Every estimated order statistic lies in the same bin as the true one, so the error is below one bin width.
+    """
+    histogram = np.asarray(histogram, np.int64)
+    count = int(histogram.sum())
+    if count == 0:
+        return math.nan
+    cumulative = np.cumsum(histogram)
+
+    def order_statistic(rank: int) -> float:
+        bin_index = int(np.searchsorted(cumulative, rank))
+        before = cumulative[bin_index] - histogram[bin_index]
+        return (bin_index + (rank - before - 0.5) / histogram[bin_index]) * bin_width
+
+    if count % 2:
+        return float(order_statistic((count + 1) // 2))
+    return float((order_statistic(count // 2) + order_statistic(count // 2 + 1)) / 2)
+
+
+def _higher_is_better(task: str, metric: str) -> bool:
+    if metric not in HIGHER_IS_BETTER.get(task, {}):
+        raise ValueError(f'unknown metric {task}/{metric}; known: {_metric_names(HIGHER_IS_BETTER)}')
+    return HIGHER_IS_BETTER[task][metric]
+
+
+def _metric_names(results: Results) -> list[str]:
+    return [f'{task}/{metric}' for task, metrics in results.items() for metric in metrics]
+
+
+def _table_columns(rows: Mapping[str, Results]) -> list[tuple[str, str]]:
+    """(task, metric) pairs present in any row, in TASK_NAMES / HIGHER_IS_BETTER order."""
+    present = {(task, metric) for results in rows.values() for task, metrics in results.items() for metric in metrics}
+    for task, metric in sorted(present):
+        _higher_is_better(task, metric)
+    return [(task, metric) for task in tasks_lib.TASK_NAMES for metric in HIGHER_IS_BETTER[task]
+            if (task, metric) in present]
+
+
+def _format_value(metric: str, value: float | None) -> str:
+    if value is None:
+        return '-'
+    if metric in FRACTION_METRICS:
+        return f'{100.0 * value:.2f}'
+    if metric in ('abs_err', 'rel_err', 'rms'):
+        return f'{value:.4f}'
+    return f'{value:.2f}'
+
+
+def _format_delta_m(results: Results, references: Results) -> str:
+    shares_a_metric = any(metric in references.get(task, {}) for task, metrics in results.items() for metric in metrics)
+    return f'{delta_m(results, references):+.2f}' if shares_a_metric else '-'
+
+
+def _render(run_names: list[str], groups: dict[str, list[tuple[str, list[str]]]]) -> str:
+    """Two header lines (task, then metric) above one line per run; task groups separated by ' | '."""
+    name_width = max([len('run'), *(len(name) for name in run_names)])
+    task_line, metric_line = ['run'.ljust(name_width)], [''.ljust(name_width)]
+    body = [[name.ljust(name_width)] for name in run_names]
+    for task, columns in groups.items():
+        widths = [max(len(header), *(len(cell) for cell in cells)) for header, cells in columns]
+        shortfall = len(task) - (sum(widths) + 2 * (len(widths) - 1))
+        if shortfall > 0:
+            widths[-1] += shortfall
+        task_line.append(task.ljust(sum(widths) + 2 * (len(widths) - 1)))
+        metric_line.append('  '.join(header.rjust(width) for (header, _), width in zip(columns, widths)))
+        for row_index, row in enumerate(body):
+            row.append('  '.join(cells[row_index].rjust(width) for (_, cells), width in zip(columns, widths)))
+    lines = [task_line, metric_line]
+    rule = '-+-'.join('-' * len(part) for part in task_line)
+    return '\n'.join([' | '.join(lines[0]), ' | '.join(lines[1]), rule, *(' | '.join(row) for row in body)])

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections), one module per setting; see each module's docstring for its command."""

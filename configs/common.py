@@ -1,0 +1,244 @@
+"""Shared config pieces: the paper's defaults, the strategy variants and `key=value` variant strings.
+
+Every config module's `get_config(arg)` starts from `base_config()`, sets its dataset and schedule, then applies
+the variant string given after the config path, e.g.
+`--config=configs/nyuv2_two_task.py:strategy=auxi:depth,decoder=context`.
+
+Strategies are settings of orthogonal fields, never separate code paths:
+
+| strategy            | fields set                                                        |
+|---------------------|-------------------------------------------------------------------|
+| `single:<task>`     | `tasks=(task,)`                                                   |
+| `joint`             | all tasks of the config, equal weighting, no aux                  |
+| `kendall`           | `loss_weighting='kendall'` (uncertainty weighting, Kendall et al.) |
+| `deep_supervision`  | `deep_supervision.tasks = tasks`                                  |
+| `prior:<workdir>`   | `init_from.path = workdir` (its `main` encoder initialises ours)  |
+| `auxi:<task>`       | `aux.tasks = (task,)`                                             |
+| `auxi_all`          | `aux.tasks = tasks`                                               |
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TASK_NAMES = ("segmentation", "depth", "normal")
+STRATEGIES = ("single", "joint", "kendall", "deep_supervision", "prior", "auxi", "auxi_all")
+
+# Keys a variant string may set, mapped to the config field they write. `strategy` is handled separately.
+VARIANT_KEYS = {
+    "decoder": "model.decoder",
+    "encoder": "model.encoder",
+    "width": "model.width_multiplier",
+    "output_stride": "model.output_stride",
+    "dtype": "model.dtype",
+    "adaptor": "aux.adaptor",
+    "aggregate": "aux.aggregate",
+    "steps": "num_train_steps",
+    "batch": "batch_size",
+    "seed": "seed",
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with the paper's training recipe (Sec. 4.1) as defaults."""
+    config = ml_collections.ConfigDict()
+    config.name = "run"
+    config.seed = 0
+    config.tasks = TASK_NAMES
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "synthetic_scenes"
+    config.dataset.config = ml_collections.config_dict.placeholder(str)
+    config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+    config.dataset.manual_dir = ml_collections.config_dict.placeholder(str)
+    config.dataset.prepare = False
+    config.dataset.train_split = "train"
+    config.dataset.eval_split = "test"
+
+    config.input = ml_collections.ConfigDict()
+    config.input.crop_size = (385, 385)
+    config.input.scale_range = (0.5, 2.1)
+    config.input.flip = True
+    config.input.eval_size = ml_collections.config_dict.placeholder(tuple)
+    config.input.num_workers = 0
+    config.input.mean = (123.675, 116.28, 103.53)
+    config.input.std = (58.395, 57.12, 57.375)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.encoder = "mobilenet_v2"
+    config.model.width_multiplier = 1.0
+    config.model.output_stride = ml_collections.config_dict.placeholder(int)
+    config.model.decoder = "ushape"
+    config.model.head_channels = ml_collections.config_dict.placeholder(int)
+    config.model.dtype = "float32"
+    config.model.encoder_init = ml_collections.config_dict.placeholder(str)
+
+    config.aux = ml_collections.ConfigDict()
+    config.aux.tasks = ()
+    config.aux.features = ()
+    config.aux.adaptor = "conv1x1"
+    config.aux.aggregate = "concat"
+    config.aux.channels = 64
+    config.aux.weight = 1.0
+
+    config.deep_supervision = ml_collections.ConfigDict()
+    config.deep_supervision.tasks = ()
+    config.deep_supervision.weight = 0.1
+
+    config.loss_weighting = "equal"
+
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.path = ml_collections.config_dict.placeholder(str)
+    config.init_from.scope = "encoder"
+    config.init_from.lr_scale = 1.0
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 0.01
+    config.optimizer.momentum = 0.9
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.poly_power = 0.9
+    config.optimizer.warmup_steps = 0
+
+    config.batch_size = 12
+    config.eval_batch_size = 12
+    config.num_train_steps = 30_000
+    config.log_every_steps = 50
+    config.eval_every_steps = 5_000
+    config.checkpoint_every_steps = 1_000
+    config.max_checkpoints_to_keep = 3
+    config.progress_bar = True
+
+    config.analysis = ml_collections.ConfigDict()
+    config.analysis.grad_log_every_steps = 0
+    config.analysis.grad_samples_per_layer = 64
+    config.analysis.figures = False
+
+    # Single-task reference results for Δm%: {task: {metric: value}}, or a path to a results.json.
+    config.reference_results = ml_collections.config_dict.placeholder(object)
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+    config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+
+    # A sweep: {run_name: variant string}; each run trains in WORKDIR/<run_name> and a comparison table follows.
+    config.runs = ml_collections.config_dict.placeholder(dict)
+    return config
+
+
+def parse_variant(arg: str | None) -> dict[str, str]:
+    """Parses 'strategy=auxi:depth,decoder=context' into an ordered dict, rejecting unknown keys."""
+    if not arg:
+        return {}
+    items = {}
+    for part in arg.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"Config variant {part!r} in {arg!r} is not of the form key=value.")
+        if key != "strategy" and key not in VARIANT_KEYS:
+            allowed = ", ".join(["strategy", *VARIANT_KEYS])
+            raise ValueError(f"Unknown config variant key {key!r} in {arg!r}; expected one of: {allowed}.")
+        items[key] = value
+    return items
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies a variant string (see `parse_variant`) to `config` in place and returns it."""
+    for key, value in parse_variant(arg).items():
+        if key == "strategy":
+            apply_strategy(config, value)
+        else:
+            _set_path(config, VARIANT_KEYS[key], value)
+    return config
+
+
+def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_collections.ConfigDict:
+    """Sets the orthogonal fields that make up one of the paper's strategies (see module docstring).
+
+    The strategy fields are reset to Joint first, so a strategy replaces the config's default one; combine
+    strategies with overrides, e.g. `strategy=auxi_all --config.loss_weighting=kendall`.
+    """
+    name, _, argument = strategy.partition(":")
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)} "
+                         "(single and auxi take ':<task>', prior takes ':<workdir>').")
+    needs_argument = name in ("single", "auxi", "prior")
+    if needs_argument != bool(argument):
+        form = f"{name}:<{'workdir' if name == 'prior' else 'task'}>" if needs_argument else name
+        raise ValueError(f"Strategy {strategy!r} must be written as {form!r}.")
+    if name in ("single", "auxi") and argument not in config.tasks:
+        raise ValueError(f"Strategy {strategy!r}: task {argument!r} is not among config.tasks {tuple(config.tasks)}.")
+    config.name = strategy.replace(":", "_") if name != "prior" else "prior"
+    config.aux.tasks = ()
+    config.deep_supervision.tasks = ()
+    config.loss_weighting = "equal"
+    config.init_from.path = None
+    if name == "single":
+        config.tasks = (argument,)
+    elif name == "kendall":
+        config.loss_weighting = "kendall"
+    elif name == "deep_supervision":
+        config.deep_supervision.tasks = tuple(config.tasks)
+    elif name == "prior":
+        config.init_from.path = argument
+    elif name == "auxi":
+        config.aux.tasks = (argument,)
+    elif name == "auxi_all":
+        config.aux.tasks = tuple(config.tasks)
+    return config
+
+
+def _set_path(config: ml_collections.ConfigDict, path: str, text: str) -> None:
+    """Sets a dotted field from text, converting to the field's current type (None-typed fields: int/float/str)."""
+    *parents, leaf = path.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    current = node[leaf]
+    node[leaf] = _convert(text, current, path)
+
+
+def _convert(text: str, current, path: str):
+    kind = type(current)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if kind in (int, float):
+            return kind(text)
+        if current is None:
+            for candidate in (int, float):
+                try:
+                    return candidate(text)
+                except ValueError:
+                    pass
+        return text
+    except ValueError:
+        raise ValueError(f"Config variant {path}={text!r}: expected a value of type {kind.__name__}.") from None
+
+
+def split_runlocal(arg: str | None) -> tuple[bool, str | None]:
+    """Splits a leading `runlocal` flag off a variant string: 'runlocal,strategy=joint' -> (True, 'strategy=joint')."""
+    if not arg:
+        return False, arg
+    parts = [part for part in arg.split(",") if part.strip() != "runlocal"]
+    return len(parts) != len(arg.split(",")), ",".join(parts) or None
+
+
+def make_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a real config to seconds on a CPU (tiny width, small crops, a few steps) for smoke tests."""
+    config.input.crop_size = (32, 40)
+    config.input.eval_size = (32, 40)
+    config.model.width_multiplier = 0.25
+    config.model.head_channels = 8
+    config.aux.channels = 8
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.num_train_steps = 2
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.progress_bar = False
+    return config

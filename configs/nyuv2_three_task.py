@@ -1,0 +1,24 @@
+r"""NYUv2 three tasks in the mtan layout (288x384, 13 classes + depth + normals), the benchmark other MTL libraries
+(LibMTL, mtan, Nash-MTL) report on. Build `nyu_v2/mtan` from their preprocessed .npy folders first, then:
+
+  python run.py --config=configs/nyuv2_three_task.py --workdir=workdirs/mtan_auxi_all
+  python run.py --config=configs/nyuv2_three_task.py:strategy=joint --workdir=workdirs/mtan_joint
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    """mtan-layout NYUv2 setting; `arg` is a variant string (default strategy auxi_all)."""
+    runlocal, arg = common.split_runlocal(arg)
+    config = common.base_config()
+    config.dataset.name = "nyu_v2"
+    config.dataset.config = "mtan"
+    config.input.crop_size = (288, 384)
+    config.model.decoder = "ushape"
+    config.num_train_steps = 40_000
+    config.eval_every_steps = 5_000
+    common.apply_strategy(config, "auxi_all")
+    if runlocal:
+        common.make_runlocal(config)
+    return common.apply_variant(config, arg)

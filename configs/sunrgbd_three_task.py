@@ -1,0 +1,27 @@
+r"""SUN RGB-D, three tasks (paper Sec. 4.6): MobileNetV2 U-shape, 13-class seg + depth + normals, 80k steps.
+
+Build the dataset first (see datasets/sunrgbd/), then:
+
+  python run.py --config=configs/sunrgbd_three_task.py --workdir=workdirs/sunrgbd_auxi_all
+  python run.py --config=configs/sunrgbd_three_task.py:strategy=joint --workdir=workdirs/sunrgbd_joint
+  python run.py --config=configs/sunrgbd_three_task.py:strategy=single:depth --workdir=workdirs/sunrgbd_depth
+
+Strategies: single:<task>, joint, kendall, deep_supervision, prior:<workdir>, auxi:<task>, auxi_all (default).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    """Paper Sec. 4.6 setting; `arg` is a variant string (default strategy auxi_all)."""
+    runlocal, arg = common.split_runlocal(arg)
+    config = common.base_config()
+    config.dataset.name = "sunrgbd"
+    config.dataset.config = "sunrgbd13"
+    config.model.decoder = "ushape"
+    config.num_train_steps = 80_000
+    config.eval_every_steps = 10_000
+    common.apply_strategy(config, "auxi_all")
+    if runlocal:
+        common.make_runlocal(config)
+    return common.apply_variant(config, arg)

@@ -1,0 +1,203 @@
+"""Streaming metrics vs hand-computed cases, batch-split and sharding invariance, Δm% and the results table."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from auxmtl_jax import metrics, tasks
+
+
+def _one_hot_logits(classes, num_classes):
+    return jnp.asarray(np.eye(num_classes, dtype=np.float32)[np.asarray(classes)])
+
+
+def _evaluate(tasks_, predictions, batch, num_classes=None):
+    state = metrics.init_state(tasks_, num_classes)
+    return metrics.compute(jax.jit(metrics.update_state)(state, predictions, batch))
+
+
+def _random_data(seed, batch=8, size=8, num_classes=4):
+    rng = np.random.default_rng(seed)
+    segmentation = rng.integers(0, num_classes, (batch, size, size)).astype(np.int32)
+    segmentation[rng.random(segmentation.shape) < 0.2] = 255
+    depth = rng.uniform(0.5, 5.0, (batch, size, size, 1)).astype(np.float32)
+    depth[rng.random((batch, size, size)) < 0.2] = 0.0
+    normal = rng.normal(size=(batch, size, size, 3))
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    normal[rng.random((batch, size, size)) < 0.2] = 0.0
+    batch_ = {'segmentation': segmentation, 'depth': depth, 'normal': normal.astype(np.float32)}
+    predicted_normal = normal + rng.normal(scale=0.4, size=normal.shape)
+    predictions = {
+        'segmentation': rng.normal(size=(batch, size, size, num_classes)).astype(np.float32),
+        'depth': (depth * rng.uniform(0.6, 1.5, depth.shape)).astype(np.float32),
+        'normal': (predicted_normal / np.linalg.norm(predicted_normal, axis=-1, keepdims=True)).astype(np.float32)}
+    return predictions, batch_
+
+
+def _assert_results_close(actual, expected, rtol=1e-5):
+    assert actual.keys() == expected.keys()
+    for task in expected:
+        assert actual[task].keys() == expected[task].keys()
+        for metric, value in expected[task].items():
+            assert actual[task][metric] == pytest.approx(value, rel=rtol, abs=1e-7), f'{task}/{metric}'
+
+
+def test_segmentation_by_hand_with_ignore_and_empty_classes():
+    labels = jnp.array([[[0, 0, 0, 1, 255, 1]]], jnp.int32)
+    predicted = [[[0, 0, 1, 1, 3, 2]]]
+    # Confusion (rows = truth): class 0 -> {0: 2, 1: 1}; class 1 -> {1: 1, 2: 1}; the ignored pixel is dropped.
+    # IoU: 0 -> 2/3, 1 -> 1/3, 2 -> 0 (only predicted, still counted); 3 has an empty union and is left out.
+    results = _evaluate(['segmentation'], {'segmentation': _one_hot_logits(predicted, 4)},
+                        {'segmentation': labels}, num_classes=4)
+    assert results == {'segmentation': {'miou': pytest.approx(1 / 3), 'pixel_acc': pytest.approx(3 / 5)}}
+
+
+def test_depth_by_hand_with_invalid_pixels_and_zero_prediction():
+    prediction = jnp.array([1.5, 2.0, 0.0, 4.0, 5.0, 7.6]).reshape(1, 2, 3, 1)
+    label = jnp.array([2.0, 0.0, 1.0, 4.0, 4.0, 4.0]).reshape(1, 2, 3, 1)
+    # Valid pixels 0,2,3,4,5; errors -0.5, -1, 0, 1, 3.6; ratios 1.333, inf (d = 0), 1, 1.25, 1.9.
+    results = _evaluate(['depth'], {'depth': prediction}, {'depth': label})['depth']
+    assert results['abs_err'] == pytest.approx(6.1 / 5, rel=1e-6)
+    assert results['rel_err'] == pytest.approx((0.25 + 1 + 0 + 0.25 + 0.9) / 5, rel=1e-6)
+    assert results['rms'] == pytest.approx(math.sqrt((0.25 + 1 + 0 + 1 + 12.96) / 5), rel=1e-6)
+    assert (results['delta1'], results['delta2'], results['delta3']) == pytest.approx((1 / 5, 3 / 5, 4 / 5))
+
+
+def test_normal_by_hand_with_invalid_and_unnormalised_labels():
+    def tilted(degrees):
+        return [0.0, math.sin(math.radians(degrees)), math.cos(math.radians(degrees))]
+
+    prediction = jnp.array([[0, 0, 1], [1, 0, 0], tilted(10), tilted(25), [0, 0, 1], [1, 0, 0]], jnp.float32)
+    label = jnp.array([[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 2], [0, 0, 0]], jnp.float32)
+    # Angles 0, 90, 10, 25, 0 (label re-normalised); the all-zero label is invalid.
+    results = _evaluate(['normal'], {'normal': prediction.reshape(1, 2, 3, 3)},
+                        {'normal': label.reshape(1, 2, 3, 3)})['normal']
+    assert results['mean'] == pytest.approx(25.0, abs=1e-4)
+    assert results['median'] == pytest.approx(10.0, abs=metrics.ANGLE_BIN_DEGREES)
+    assert (results['within_11.25'], results['within_22.5'], results['within_30']) == pytest.approx((0.6, 0.6, 0.8))
+
+
+def test_tasks_without_valid_pixels_give_nan():
+    results = _evaluate(['segmentation', 'depth'],
+                        {'segmentation': jnp.zeros((1, 2, 2, 3)), 'depth': jnp.ones((1, 2, 2, 1))},
+                        {'segmentation': jnp.full((1, 2, 2), 255, jnp.int32), 'depth': jnp.zeros((1, 2, 2, 1))},
+                        num_classes=3)
+    assert all(math.isnan(value) for task in results.values() for value in task.values())
+
+
+def test_streaming_in_batches_equals_one_batch():
+    predictions, batch = _random_data(seed=0)
+    update = jax.jit(metrics.update_state)
+    whole = metrics.compute(update(metrics.init_state(tasks.TASK_NAMES, 4), predictions, batch))
+    state = metrics.init_state(tasks.TASK_NAMES, 4)
+    for start, stop in ((0, 3), (3, 4), (4, 8)):
+        state = update(state, *jax.tree.map(lambda array: array[start:stop], (predictions, batch)))
+    streamed = metrics.compute(state)
+    _assert_results_close(streamed, whole)
+    assert streamed['segmentation'] == whole['segmentation']
+
+
+def test_depth_and_normal_results_match_numpy_reference():
+    predictions, batch = _random_data(seed=1)
+    results = _evaluate(['depth', 'normal'], predictions, batch)
+    label, depth = batch['depth'][..., 0].astype(np.float64), predictions['depth'][..., 0].astype(np.float64)
+    valid = label > 0
+    error = depth[valid] - label[valid]
+    ratio = np.maximum(depth[valid] / label[valid], label[valid] / depth[valid])
+    assert results['depth'] == pytest.approx({
+        'abs_err': np.abs(error).mean(), 'rel_err': (np.abs(error) / label[valid]).mean(),
+        'rms': np.sqrt((error ** 2).mean()), 'delta1': (ratio < 1.25).mean(), 'delta2': (ratio < 1.25 ** 2).mean(),
+        'delta3': (ratio < 1.25 ** 3).mean()}, rel=1e-5)
+    normal_valid = batch['normal'].any(-1)
+    cosine = np.sum(predictions['normal'][normal_valid].astype(np.float64) * batch['normal'][normal_valid], -1)
+    angles = np.degrees(np.arccos(np.clip(cosine, -1, 1)))
+    assert results['normal']['mean'] == pytest.approx(angles.mean(), rel=1e-5)
+    assert abs(results['normal']['median'] - np.median(angles)) <= metrics.ANGLE_BIN_DEGREES
+    assert results['normal']['within_22.5'] == pytest.approx((angles < 22.5).mean())
+
+
+@pytest.mark.parametrize('count', [20001, 20000])
+def test_histogram_median_within_one_bin_of_numpy_median(count):
+    angles = np.random.default_rng(count).gamma(2.0, 8.0, count)
+    histogram = np.bincount(np.floor(angles / metrics.ANGLE_BIN_DEGREES).astype(int), minlength=metrics.NUM_ANGLE_BINS)
+    assert abs(metrics.histogram_median(histogram, metrics.ANGLE_BIN_DEGREES) - np.median(angles)) \
+        <= metrics.ANGLE_BIN_DEGREES
+
+
+def test_histogram_median_of_two_far_apart_values_is_their_midpoint():
+    histogram = np.zeros(metrics.NUM_ANGLE_BINS, np.int64)
+    histogram[[1000, 5000]] = 1  # 10.00-10.01 and 50.00-50.01 degrees
+    assert metrics.histogram_median(histogram, metrics.ANGLE_BIN_DEGREES) == pytest.approx(30.005)
+
+
+def test_counts_stay_exact_beyond_int32():
+    counter = metrics._zero_counter(())
+    for _ in range(5):
+        counter = metrics._add_to_counter(counter, jnp.int32(2 ** 30 + 7))
+    assert int(metrics._counter_value(jax.device_get(counter))) == 5 * (2 ** 30 + 7)
+
+
+def test_compensated_sum_keeps_small_increments():
+    accumulator = metrics._add_to_sum(metrics._zero_sum(), jnp.float32(2.0 ** 25))
+    accumulator = jax.lax.fori_loop(0, 1000, lambda _, acc: metrics._add_to_sum(acc, jnp.float32(1.0)), accumulator)
+    assert metrics._sum_value(jax.device_get(accumulator)) == 2.0 ** 25 + 1000  # plain float32 would stay at 2**25
+
+
+def test_sharded_update_under_jit_equals_unsharded():
+    predictions, batch = _random_data(seed=2)
+    mesh = Mesh(jax.devices()[:4], ('data',))
+    sharded_inputs = jax.device_put((predictions, batch), NamedSharding(mesh, P('data')))
+    state = metrics.init_state(tasks.TASK_NAMES, 4)
+    sharded = metrics.compute(jax.jit(metrics.update_state)(state, *sharded_inputs))
+    unsharded = metrics.compute(metrics.update_state(state, predictions, batch))
+    _assert_results_close(sharded, unsharded)
+    assert sharded['segmentation'] == unsharded['segmentation']
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="metrics.init_state\\(tasks\\): unknown task.*'depths'"):
+        metrics.init_state(['depths'])
+    with pytest.raises(ValueError, match='num_classes must be a positive int'):
+        metrics.init_state(['segmentation'])
+    state = metrics.init_state(['segmentation', 'depth'], 3)
+    predictions, batch = _random_data(seed=3, num_classes=3)
+    with pytest.raises(KeyError, match="'depth'.*missing"):
+        metrics.update_state(state, {'segmentation': predictions['segmentation']}, batch)
+    with pytest.raises(ValueError, match='logits have 5 classes but the state was made for num_classes=3'):
+        metrics.update_state(state, {**predictions, 'segmentation': np.zeros((8, 8, 8, 5), np.float32)}, batch)
+    with pytest.raises(ValueError, match=r"'depth'.*prediction \(8, 4, 4, 1\) and label \(8, 8, 8, 1\)"):
+        metrics.update_state(state, {**predictions, 'depth': np.zeros((8, 4, 4, 1), np.float32)}, batch)
+
+
+def test_delta_m_by_hand():
+    results = {'segmentation': {'miou': 0.5, 'pixel_acc': 0.7}, 'depth': {'abs_err': 0.4}}
+    references = {'segmentation': {'miou': 0.4}, 'depth': {'abs_err': 0.5, 'rms': 1.0}, 'normal': {'mean': 20.0}}
+    # miou +25% (higher is better), abs_err 20% lower (lower is better) -> +20; the rest is not shared.
+    assert metrics.delta_m(results, references) == pytest.approx(22.5)
+    assert metrics.delta_m(references, results) == pytest.approx((-20.0 - 25.0) / 2)
+    with pytest.raises(ValueError, match='share no metric'):
+        metrics.delta_m({'normal': {'mean': 1.0}}, {'depth': {'rms': 1.0}})
+    with pytest.raises(ValueError, match="depth/abs_err needs finite values and a non-zero reference"):
+        metrics.delta_m({'depth': {'abs_err': 0.1}}, {'depth': {'abs_err': 0.0}})
+    with pytest.raises(ValueError, match='unknown metric depth/mae'):
+        metrics.delta_m({'depth': {'mae': 0.1}}, {'depth': {'mae': 0.2}})
+
+
+def test_format_table_by_hand():
+    rows = {'joint': {'segmentation': {'miou': 0.25, 'pixel_acc': 0.5}, 'depth': {'abs_err': 0.61234}},
+            'auxi_all': {'segmentation': {'miou': 0.3, 'pixel_acc': 0.55}, 'normal': {'median': 15.5}}}
+    references = {'segmentation': {'miou': 0.2}, 'depth': {'abs_err': 0.5}}
+    table = metrics.format_table(rows, references=references)
+    lines = table.splitlines()
+    assert len(lines) == 5 and len({len(line) for line in lines}) == 1
+    assert lines[0].split(' | ')[1].strip() == 'segmentation'
+    assert lines[1].split() == ['|', 'miou%↑', 'pixel_acc%↑', '|', 'abs_err↓', '|', 'median↓', '|', 'Δm%↑']
+    assert lines[3].split() == ['joint', '|', '25.00', '50.00', '|', '0.6123', '|', '-', '|', '+1.27']
+    assert lines[4].split() == ['auxi_all', '|', '30.00', '55.00', '|', '-', '|', '15.50', '|', '+50.00']
+    assert 'Δm%' not in metrics.format_table(rows)
+    with pytest.raises(ValueError, match='unknown metric depth/mae'):
+        metrics.format_table({'run': {'depth': {'mae': 1.0}}})

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from typing import Any, Mapping
@@ -31,7 +32,7 @@ INFERENCE_CONFIG = "model.json"
 RESUMABLE_KEYS = (
     "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
     "input.num_workers", "dataset.data_dir", "dataset.manual_dir", "dataset.prepare", "analysis.figures",
-    "distributed.", "runs",
+    "distributed.", "runs", "num_devices",
 )
 
 
@@ -126,7 +127,7 @@ def _differing_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
 def _write_text_atomic(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
-    tmp.rename(path)
+    os.replace(tmp, path)
 
 
 def load_prior_params(path: str, scope: str) -> dict:

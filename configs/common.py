@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Single-task reference results for Δm%: {task: {metric: value}}, or a path to a results.json.
     config.reference_results = ml_collections.config_dict.placeholder(object)
 
+    # Devices of the data mesh (None: all). Results do not depend on it, so a run may resume with another count.
+    config.num_devices = ml_collections.config_dict.placeholder(int)
+
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
     config.distributed.num_processes = ml_collections.config_dict.placeholder(int)

@@ -5,7 +5,7 @@ r"""NYUv2 three tasks in the mtan layout (288x384, 13 classes + depth + normals)
   python run.py --config=configs/nyuv2_three_task.py:strategy=joint --workdir=workdirs/mtan_joint
 """
 
-from configs import common
+from auxmtl_configs import common
 
 
 def get_config(arg=None):

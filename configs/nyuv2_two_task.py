@@ -10,7 +10,7 @@ Build the dataset first (see datasets/nyu_v2/), then:
 Decoders: baseline | context | ushape (default). Encoders: mobilenet_v2 (default) | resnet50 (paper Table 3).
 """
 
-from configs import common
+from auxmtl_configs import common
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Build the dataset first (see datasets/sunrgbd/), then:
 Strategies: single:<task>, joint, kendall, deep_supervision, prior:<workdir>, auxi:<task>, auxi_all (default).
 """
 
-from configs import common
+from auxmtl_configs import common
 
 
 def get_config(arg=None):

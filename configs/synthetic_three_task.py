@@ -11,7 +11,7 @@ One strategy only, or the small smoke-test size:
   python run.py --config=configs/synthetic_three_task.py:runlocal --workdir=/tmp/smoke
 """
 
-from configs import common
+from auxmtl_configs import common
 
 
 def get_config(arg=None):

@@ -1,0 +1,118 @@
+r"""Figures from training workdirs.
+
+  python -m auxmtl_jax.analysis.plot fig5 joint=DIR auxi=DIR --out=fig5.png [--task=depth] [--layers=a,b,c]
+  python -m auxmtl_jax.analysis.plot fig3 single_seg=DIR single_depth=DIR joint=DIR auxi_all=DIR \
+      --out=fig3.png [--x=segmentation/miou --y=depth/abs_err]
+
+Each run is `NAME=DIR` (DIR a training workdir) or a sweep workdir (`NAME=DIR` or plain `DIR`) whose sub-folders
+are workdirs, each becoming a run named after its sub-folder. A PNG and an SVG with the same stem are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from auxmtl_jax.analysis import figures
+from auxmtl_jax.analysis.figures import AnalysisInputError
+
+
+def resolve_runs(specs: Sequence[str], required_file: str) -> dict[str, Path]:
+    """Run name -> workdir from `NAME=DIR` / `DIR` arguments, expanding sweep workdirs into their sub-workdirs."""
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        name, separator, directory = spec.partition("=")
+        if not separator:
+            name, directory = "", spec
+        elif not name or not directory:
+            raise AnalysisInputError(f"run argument {spec!r}: expected NAME=DIR or DIR")
+        path = Path(directory)
+        if not path.is_dir():
+            raise AnalysisInputError(f"{path}: no such workdir (from argument {spec!r})")
+        if (path / required_file).is_file():
+            found = {name or path.name: path}
+        else:
+            found = {sub.name: sub for sub in sorted(path.iterdir()) if (sub / required_file).is_file()}
+            if not found:
+                raise AnalysisInputError(
+                    f"{path}: no {required_file}; expected a training workdir holding it, or a sweep workdir "
+                    f"whose sub-folders hold it"
+                )
+        for run_name, run_path in found.items():
+            if run_name in runs:
+                raise AnalysisInputError(f"run name {run_name!r} given twice ({runs[run_name]} and {run_path})")
+            runs[run_name] = run_path
+    if not runs:
+        raise AnalysisInputError("no runs given; expected NAME=DIR arguments after the figure name")
+    return runs
+
+
+def plot_fig5(
+    run_specs: Sequence[str], *, out: str, task: str = "depth", layers: Sequence[str] | None = None,
+    component: str = "grad", smoothing: float = 0.6, dpi: int = 100,
+) -> list[Path]:
+    """Gradient-magnitude curves and training loss (paper Fig. 5); returns the written paths."""
+    runs = {name: figures.read_metrics(path) for name, path in resolve_runs(run_specs, figures.METRICS_FILE).items()}
+    figure = figures.gradient_curves(runs, layers, loss_key=f"loss/{task}", component=component, smoothing=smoothing)
+    return figures.save_figure(figure, out, dpi=dpi)
+
+
+def plot_fig3(
+    run_specs: Sequence[str], *, out: str, x: str | None = None, y: str | None = None, dpi: int = 100,
+) -> tuple[list[Path], dict[str, str]]:
+    """Strategy scatter in a two-metric plane (paper Fig. 3); returns the written paths and the runs left out."""
+    results = {name: figures.read_results(path) for name, path in resolve_runs(run_specs, figures.RESULTS_FILE).items()}
+    if (x is None) != (y is None):
+        raise AnalysisInputError("give both --x and --y, or neither (then headline metrics are chosen)")
+    if x is None:
+        x, y = figures.choose_scatter_metrics(results)
+    _, _, left_out = figures.partition_scatter_runs(results, x, y)
+    return figures.save_figure(figures.strategy_scatter(results, x, y), out, dpi=dpi), left_out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m auxmtl_jax.analysis.plot", description="Figures from training workdirs (paper Fig. 5, 3)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("fig5", "shared-encoder gradient magnitude and training loss"),
+                            ("fig3", "strategies in a two-metric plane, single-task runs dotted")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("runs", nargs="+", metavar="NAME=DIR", help="training workdirs (or sweep workdirs)")
+        command.add_argument("--out", required=True, help="output .png; an .svg is written next to it")
+        command.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    fig5, fig3 = commands.choices["fig5"], commands.choices["fig3"]
+    fig5.add_argument("--task", default="depth", help="task whose training loss (loss/<task>) is shown")
+    fig5.add_argument("--layers", type=lambda s: [p for p in s.split(",") if p], default=None,
+                      help="comma-separated logged encoder layers; default: three spread across depth")
+    fig5.add_argument("--component", choices=figures.GRADIENT_COMPONENTS, default="grad",
+                      help="total gradient (grad), its main-loss part (grad_main) or aux-loss part (grad_aux)")
+    fig5.add_argument("--smoothing", type=float, default=0.6, help="EMA smoothing of the curves, in [0, 1)")
+    fig3.add_argument("--x", default=None, help="task/metric on the x axis (e.g. segmentation/miou)")
+    fig3.add_argument("--y", default=None, help="task/metric on the y axis (e.g. depth/abs_err)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (1 with one error line on stderr for bad inputs)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "fig5":
+            written = plot_fig5(args.runs, out=args.out, task=args.task, layers=args.layers,
+                                component=args.component, smoothing=args.smoothing, dpi=args.dpi)
+        else:
+            written, left_out = plot_fig3(args.runs, out=args.out, x=args.x, y=args.y, dpi=args.dpi)
+            for name, reason in left_out.items():
+                print(f"fig3: left out run {name!r}: {reason}", file=sys.stderr)
+    except AnalysisInputError as error:
+        print(f"plot {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

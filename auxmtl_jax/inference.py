@@ -1,0 +1,146 @@
+r"""Inference with an exported model (WORKDIR/inference/): only `main` runs, auxiliary modules are gone.
+
+Python:
+
+  predictor = inference.Predictor.load('workdirs/demo/auxi_all/inference')
+  outputs = predictor.predict(images)    # uint8 [B,H,W,3] -> {task: array at input resolution}
+
+Command line (writes <name>_segmentation.png, <name>_depth.png, <name>_normal.png per image):
+
+  python -m auxmtl_jax.inference --model=workdirs/demo/auxi_all/inference --output=preds img1.png img2.jpg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax.models import MultiTaskModel, build_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """An exported `main` network with its preprocessing (mean/std normalisation)."""
+
+    model: MultiTaskModel
+    variables: Any
+    export_config: dict
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Predictor":
+        export_config = checkpoint_lib.load_inference_config(directory)
+        variables = checkpoint_lib.load_inference_variables(directory)
+        model_cfg = ml_collections.ConfigDict(export_config["model"])
+        model = build_model(model_cfg, dict(export_config["tasks"]))
+        return cls(model, jax.tree.map(jnp.asarray, variables), export_config)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.export_config["tasks"])
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.export_config["tasks"].get("segmentation")
+
+    def normalise(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB [B,H,W,3] -> the float input the network was trained on."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: shape {images.shape}; expected [batch, height, width, 3] RGB.")
+        mean = np.asarray(self.export_config["input"]["mean"], np.float32)
+        std = np.asarray(self.export_config["input"]["std"], np.float32)
+        return (images.astype(np.float32) - mean) / std
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """{task: prediction} for uint8 RGB images; segmentation as class ids [B,H,W], the rest as the network gives."""
+        outputs = _predict_fn(self.model)(self.variables, jnp.asarray(self.normalise(images)))
+        outputs = jax.device_get(outputs)
+        if "segmentation" in outputs:
+            outputs["segmentation"] = np.asarray(outputs["segmentation"]).argmax(-1).astype(np.int32)
+        return {task: np.asarray(value) for task, value in outputs.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_fn(model: MultiTaskModel):
+    return jax.jit(model.predict)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 RGB [H,W,3]; one clear error for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such image file.")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path}: not a readable image ({error}); expected a PNG/JPEG file.") from None
+
+
+def colour_outputs(outputs: dict[str, np.ndarray], num_classes: int | None) -> dict[str, np.ndarray]:
+    """One uint8 RGB image per task for a single example: class colours, a depth colour map, normals as RGB."""
+    from auxmtl_jax.analysis import figures
+
+    coloured = {}
+    if "segmentation" in outputs:
+        coloured["segmentation"] = figures.colorize_segmentation(outputs["segmentation"], num_classes)
+    if "depth" in outputs:
+        coloured["depth"] = figures.colorize_depth(outputs["depth"])
+    if "normal" in outputs:
+        coloured["normal"] = (255 * figures.normals_to_rgb(outputs["normal"])).round().astype(np.uint8)
+    return coloured
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Writes a PNG atomically (a killed run leaves no truncated file)."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def predict_files(model_dir: str, image_paths: Sequence[str], output_dir: str) -> list[Path]:
+    """Predicts every image file (one at a time, any size) and writes its coloured task PNGs."""
+    images = [read_image(path) for path in image_paths]  # all inputs checked before anything is written
+    predictor = Predictor.load(model_dir)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, image in zip(image_paths, images):
+        outputs = {task: value[0] for task, value in predictor.predict(image[None]).items()}
+        for task, coloured in colour_outputs(outputs, predictor.num_classes).items():
+            target = output / f"{Path(path).stem}_{task}.png"
+            write_png(target, coloured)
+            written.append(target)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Predict segmentation/depth/normals for image files.")
+    parser.add_argument("--model", required=True, help="an exported model folder (WORKDIR/inference)")
+    parser.add_argument("--output", required=True, help="folder for the coloured prediction PNGs")
+    parser.add_argument("images", nargs="+", help="input image files (PNG/JPEG)")
+    args = parser.parse_args(argv)
+    for path in predict_files(args.model, args.images, args.output):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

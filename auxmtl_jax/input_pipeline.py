@@ -1,0 +1,444 @@
+"""Input pipeline: TFDS array_record datasets read with grain, the paper's augmentation, per-host batches.
+
+Batch contract (see ARCHITECTURE.md): `image` float32 [B,H,W,3] normalised, `segmentation` int32 [B,H,W] with
+255 = ignore, `depth` float32 [B,H,W,1] metres with 0 = invalid, `normal` float32 [B,H,W,3] with all-zero =
+invalid; only the requested tasks are present.
+
+Training batches form an infinite grain `MapDataset` indexed by batch number: shuffled per epoch, each example
+augmented with a generator seeded by (seed, global example index), host `p` of `P` taking every P-th example of
+each global batch. The iterator state is therefore just the next batch number, which makes resuming exact and
+independent of the worker count.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+KNOWN_DATASETS = ("synthetic_scenes", "nyu_v2", "sunrgbd")
+TASKS = ("segmentation", "depth", "normal")
+IGNORE_LABEL = 255
+_STATE_VERSION = 1
+
+
+class DatasetInfo(NamedTuple):
+    """What the model and the metrics need to know about a prepared dataset."""
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    tasks: tuple[str, ...]
+    splits: dict[str, int]
+    image_size: tuple[int, int]
+
+
+def build_command(dataset_cfg) -> str:
+    """The shell command that prepares the configured dataset (the `tfds` CLI needs TensorFlow; this does not)."""
+    parts = ["python -m auxmtl_jax.input_pipeline", f"--dataset={dataset_cfg.name}"]
+    for field in ("config", "data_dir", "manual_dir"):
+        value = getattr(dataset_cfg, field, None)
+        if value:
+            parts.append(f"--{field}={value}")
+    return " ".join(parts)
+
+
+def get_builder(dataset_cfg) -> tfds.core.DatasetBuilder:
+    """Imports `auxmtl_datasets.<name>` (which registers the builder) and returns the configured TFDS builder."""
+    name = dataset_cfg.name
+    if name not in KNOWN_DATASETS:
+        raise ValueError(f"Unknown dataset.name {name!r}; expected one of {', '.join(KNOWN_DATASETS)}.")
+    try:
+        importlib.import_module(f"auxmtl_datasets.{name}")
+    except ModuleNotFoundError as error:
+        raise ValueError(f"dataset.name {name!r}: its builder module auxmtl_datasets.{name} cannot be imported "
+                         f"({error}). Known datasets: {', '.join(KNOWN_DATASETS)}.") from error
+    kwargs = {"data_dir": os.path.expanduser(dataset_cfg.data_dir) if dataset_cfg.data_dir else None}
+    if dataset_cfg.config:
+        kwargs["config"] = dataset_cfg.config
+    try:
+        return tfds.builder(name, **kwargs)
+    except ValueError as error:
+        raise ValueError(f"dataset {name!r} with config {dataset_cfg.config!r}: {error}") from error
+
+
+def _created_by_build(builder) -> list:
+    """Directories a build of `builder` would create, deepest first (those that do not exist yet)."""
+    missing, path = [], builder.data_path
+    root = builder.data_dir_root
+    while path != root and path != path.parent and not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def prepare_dataset(dataset_cfg) -> None:
+    """Builds the dataset if it is missing and `dataset_cfg.prepare`, else raises saying how to build it.
+
+    A failed (or interrupted) build removes everything it created.
+    """
+    builder = get_builder(dataset_cfg)
+    if builder.is_prepared():
+        return
+    if not dataset_cfg.prepare:
+        raise FileNotFoundError(
+            f"Dataset {dataset_cfg.name!r} (config {builder.builder_config.name if builder.builder_config else None!r})"
+            f" is not prepared under {builder.data_path}. Build it with\n  {build_command(dataset_cfg)}\n"
+            f"or set dataset.prepare=True to build it on first use.")
+    created = _created_by_build(builder)
+    download_dir = tempfile.mkdtemp(prefix=f"{dataset_cfg.name}_downloads_")
+    download_config = tfds.download.DownloadConfig(manual_dir=dataset_cfg.manual_dir)
+    try:
+        builder.download_and_prepare(file_format="array_record", download_dir=download_dir,
+                                     download_config=download_config)
+    except BaseException:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(download_dir, ignore_errors=True)
+
+
+def dataset_info(dataset_cfg) -> DatasetInfo:
+    """Classes, tasks, split sizes (empty until prepared) and stored image size of the configured dataset."""
+    builder = get_builder(dataset_cfg)
+    info = builder.info
+    metadata = info.metadata or {}
+    for key in ("num_classes", "class_names", "tasks"):
+        if key not in metadata:
+            raise ValueError(f"Dataset {dataset_cfg.name!r}: info.metadata lacks {key!r} (has {sorted(metadata)}).")
+    image_shape = info.features["image"].shape
+    if len(image_shape) != 3 or image_shape[0] is None or image_shape[1] is None:
+        raise ValueError(f"Dataset {dataset_cfg.name!r}: feature 'image' has shape {image_shape}; "
+                         f"expected a fixed (H, W, 3).")
+    splits = {name: split.num_examples for name, split in info.splits.items()} if builder.is_prepared() else {}
+    return DatasetInfo(name=dataset_cfg.name, num_classes=int(metadata["num_classes"]),
+                       class_names=tuple(metadata["class_names"]), tasks=tuple(metadata["tasks"]),
+                       splits=splits, image_size=(int(image_shape[0]), int(image_shape[1])))
+
+
+def check_tasks(info: DatasetInfo, tasks: Sequence[str]) -> tuple[str, ...]:
+    """Returns `tasks` as a tuple, raising ValueError for any task unknown or not provided by the dataset."""
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+        if task not in info.tasks:
+            raise ValueError(f"Dataset {info.name!r} has no task {task!r}; it provides {list(info.tasks)}.")
+    return tuple(tasks)
+
+
+def _data_source(dataset_cfg, split: str):
+    """Random-access source for `split` of a prepared dataset (split slicing such as 'train[:90%]' allowed)."""
+    builder = get_builder(dataset_cfg)
+    if not builder.is_prepared():
+        prepare_dataset(dataset_cfg)
+    base_split = split.split("[")[0]
+    if base_split not in builder.info.splits:
+        raise ValueError(f"Dataset {dataset_cfg.name!r} has no split {split!r}; "
+                         f"it has {sorted(builder.info.splits)}.")
+    return builder.as_data_source(split=split)
+
+
+
+
+def flip_horizontal(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mirrors every array left-right; normals get their x component negated (zeros stay +0)."""
+    flipped = {key: value[:, ::-1] for key, value in example.items()}
+    if "normal" in flipped:
+        normal = flipped["normal"].copy()
+        normal[..., 0] = 0.0 - normal[..., 0]
+        flipped["normal"] = normal
+    return flipped
+
+
+def resize_window(example: dict[str, np.ndarray], scale: float, top: int, left: int, out_size: tuple[int, int],
+                  *, image_fill: Sequence[float], divide_depth: bool = True) -> dict[str, np.ndarray]:
+    """Rescales `example` by `scale` and cuts the window at (top, left) of size `out_size` from the result.
+
+    Only the window is resampled: bilinear for the image, nearest for the labels. The window may reach outside
+    the rescaled image (negative top/left or past the end): the image is padded with `image_fill`, labels with
+    ignore/invalid. Depth is divided by `scale` when `divide_depth` (a zoomed-in scene looks closer).
+    Returns float32 image (0-255 scale), int32 segmentation, float32 depth and normals.
+    """
+    height, width = example["image"].shape[:2]
+    scaled_height, scaled_width = max(1, round(height * scale)), max(1, round(width * scale))
+    scale_y, scale_x = scaled_height / height, scaled_width / width
+    out_height, out_width = out_size
+    row_start, row_stop = max(top, 0), min(top + out_height, scaled_height)
+    col_start, col_stop = max(left, 0), min(left + out_width, scaled_width)
+
+    out = {"image": np.empty((out_height, out_width, 3), np.float32)}
+    out["image"][:] = np.asarray(image_fill, np.float32)
+    if "segmentation" in example:
+        out["segmentation"] = np.full((out_height, out_width), IGNORE_LABEL, np.int32)
+    if "depth" in example:
+        out["depth"] = np.zeros((out_height, out_width, 1), np.float32)
+    if "normal" in example:
+        out["normal"] = np.zeros((out_height, out_width, 3), np.float32)
+    if row_stop <= row_start or col_stop <= col_start:
+        return out
+
+    target = (slice(row_start - top, row_stop - top), slice(col_start - left, col_stop - left))
+    if scale_y == 1.0 and scale_x == 1.0:
+        rows, cols = slice(row_start, row_stop), slice(col_start, col_stop)
+        out["image"][target] = example["image"][rows, cols]
+        gather = lambda array: array[rows, cols]  # noqa: E731
+    else:
+        box = (col_start / scale_x, row_start / scale_y, col_stop / scale_x, row_stop / scale_y)
+        resized = Image.fromarray(np.ascontiguousarray(example["image"])).resize(
+            (col_stop - col_start, row_stop - row_start), Image.Resampling.BILINEAR, box=box)
+        out["image"][target] = np.asarray(resized)
+        source_rows = np.minimum(((np.arange(row_start, row_stop) + 0.5) / scale_y).astype(np.intp), height - 1)
+        source_cols = np.minimum(((np.arange(col_start, col_stop) + 0.5) / scale_x).astype(np.intp), width - 1)
+        gather = lambda array: np.take(np.take(array, source_rows, axis=0), source_cols, axis=1)  # noqa: E731
+    if "segmentation" in example:
+        out["segmentation"][target] = gather(example["segmentation"])
+    if "depth" in example:
+        depth = gather(example["depth"])
+        out["depth"][target] = depth / np.float32(scale) if divide_depth else depth
+    if "normal" in example:
+        out["normal"][target] = gather(example["normal"])
+    return out
+
+
+def normalise_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(image - mean) / std per channel, float32; `mean`/`std` on the 0-255 scale."""
+    return ((image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+
+
+def _select(record: dict[str, Any], tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """The image and the requested task arrays of a stored record."""
+    example = {"image": record["image"]}
+    for task in tasks:
+        example[task] = record[task]
+    return example
+
+
+def _crop_offset(rng: np.random.Generator, scaled: int, crop: int) -> int:
+    """Uniform window start: inside the image when it is larger, else a random placement of the padding."""
+    low, high = min(0, scaled - crop), max(0, scaled - crop)
+    return int(rng.integers(low, high + 1))
+
+
+class TrainTransform:
+    """Random flip, random rescale, random crop (padding = ignore/invalid), normalisation; paper Sec. 4.1."""
+
+    def __init__(self, tasks, crop_size, scale_range, flip, mean, std):
+        self.tasks, self.crop_size = tuple(tasks), (int(crop_size[0]), int(crop_size[1]))
+        self.scale_range, self.flip = (float(scale_range[0]), float(scale_range[1])), bool(flip)
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
+
+    def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        example = _select(record, self.tasks)
+        if self.flip and rng.random() < 0.5:
+            example = flip_horizontal(example)
+        scale = float(rng.uniform(*self.scale_range))
+        height, width = example["image"].shape[:2]
+        top = _crop_offset(rng, max(1, round(height * scale)), self.crop_size[0])
+        left = _crop_offset(rng, max(1, round(width * scale)), self.crop_size[1])
+        out = resize_window(example, scale, top, left, self.crop_size, image_fill=self.mean)
+        out["image"] = normalise_image(out["image"], self.mean, self.std)
+        return out
+
+
+class EvalTransform:
+    """Whole image resized to fit `size` (aspect kept, centred, padding invalid), normalised; depth kept in metres."""
+
+    def __init__(self, tasks, size, mean, std):
+        self.tasks, self.size = tuple(tasks), (int(size[0]), int(size[1]))
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        example = _select(record, self.tasks)
+        height, width = example["image"].shape[:2]
+        scale = min(self.size[0] / height, self.size[1] / width)
+        top = -((self.size[0] - max(1, round(height * scale))) // 2)
+        left = -((self.size[1] - max(1, round(width * scale))) // 2)
+        out = resize_window(example, scale, top, left, self.size, image_fill=self.mean, divide_depth=False)
+        out["image"] = normalise_image(out["image"], self.mean, self.std)
+        return out
+
+    def invalid_example(self) -> dict[str, np.ndarray]:
+        """A padding example every metric ignores: image 0 (the mean), segmentation 255, depth 0, normal 0."""
+        height, width = self.size
+        example = {"image": np.zeros((height, width, 3), np.float32)}
+        if "segmentation" in self.tasks:
+            example["segmentation"] = np.full((height, width), IGNORE_LABEL, np.int32)
+        if "depth" in self.tasks:
+            example["depth"] = np.zeros((height, width, 1), np.float32)
+        if "normal" in self.tasks:
+            example["normal"] = np.zeros((height, width, 3), np.float32)
+        return example
+
+
+
+
+def _host_layout(global_batch_size: int, process_index: int | None, process_count: int | None):
+    """(process_index, process_count, per-host batch size), checking that the batch splits evenly."""
+    process_index = jax.process_index() if process_index is None else int(process_index)
+    process_count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}).")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"Global batch size {global_batch_size} must be a positive multiple of the process "
+                         f"count {process_count}.")
+    return process_index, process_count, global_batch_size // process_count
+
+
+def _read_options(num_workers: int) -> grain.ReadOptions:
+    """Thread prefetch inside a process: a couple of batches ahead, never hundreds (batches are large)."""
+    if num_workers > 0:
+        return grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return grain.ReadOptions(num_threads=min(2, cores), prefetch_buffer_size=2)
+
+
+class TrainIterator:
+    """Infinite iterator over this host's training batches; `get_state`/`set_state` resume exactly."""
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int, fingerprint: dict[str, Any]):
+        self._batches, self._num_workers, self._fingerprint = batches, int(num_workers), fingerprint
+        self._next_batch, self._iterator = 0, None
+
+    def _start(self) -> None:
+        dataset = self._batches[self._next_batch:].to_iter_dataset(_read_options(self._num_workers))
+        if self._num_workers > 0:
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()  # grain's worker start reads absl flags; outside an absl app use defaults.
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers,
+                                                                       per_worker_buffer_size=2))
+        self._iterator = iter(dataset)
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._start()
+        batch = next(self._iterator)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position: the number of batches already yielded plus the pipeline's identity."""
+        return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues from a `get_state()` result of an iterator built with the same dataset, seed and batch."""
+        expected = {"version": _STATE_VERSION, **self._fingerprint}
+        for key, value in expected.items():
+            if key not in state:
+                raise ValueError(f"Input iterator state lacks {key!r}; got keys {sorted(state)}.")
+            if state[key] != value and list(np.atleast_1d(state[key])) != list(np.atleast_1d(value)):
+                raise ValueError(f"Input iterator state has {key}={state[key]!r} but this pipeline has {value!r}; "
+                                 f"it was saved by a run with different data settings.")
+        next_batch = state.get("next_batch")
+        if not isinstance(next_batch, (int, np.integer)) or next_batch < 0:
+            raise ValueError(f"Input iterator state has next_batch={next_batch!r}; expected an int >= 0.")
+        self.close()
+        self._next_batch = int(next_batch)
+
+    def close(self) -> None:
+        """Stops worker processes, if any; iteration restarts lazily at the current position."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+
+def _derived_seeds(seed: int) -> tuple[int, int]:
+    shuffle_seed, augment_seed = np.random.SeedSequence(int(seed)).generate_state(2)
+    return int(shuffle_seed), int(augment_seed)
+
+
+def create_train_iterator(dataset_cfg, input_cfg, *, tasks, global_batch_size, seed,
+                          process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
+    """Infinite, deterministic, resumable iterator over this host's share of each global training batch."""
+    info = dataset_info(dataset_cfg)
+    tasks = check_tasks(info, tasks)
+    process_index, process_count, local_batch = _host_layout(global_batch_size, process_index, process_count)
+    source = _data_source(dataset_cfg, dataset_cfg.train_split)
+    if len(source) == 0:
+        raise ValueError(f"Split {dataset_cfg.train_split!r} of dataset {dataset_cfg.name!r} is empty.")
+    transform = TrainTransform(tasks, input_cfg.crop_size, input_cfg.scale_range, input_cfg.flip,
+                               input_cfg.mean, input_cfg.std)
+    shuffle_seed, augment_seed = _derived_seeds(seed)
+    examples = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None)
+    examples = examples.random_map(transform, seed=augment_seed)
+    batches = examples[process_index::process_count].batch(local_batch, drop_remainder=True)
+    fingerprint = {"dataset": dataset_cfg.name, "split": dataset_cfg.train_split, "seed": int(seed),
+                   "global_batch_size": int(global_batch_size), "process_index": process_index,
+                   "process_count": process_count, "num_examples": len(source)}
+    return TrainIterator(batches, input_cfg.num_workers, fingerprint)
+
+
+class EvalDataset:
+    """Re-iterable evaluation batches for this host; the last global batch is padded with invalid examples."""
+
+    def __init__(self, source, transform: EvalTransform, global_batch_size: int, process_index: int,
+                 process_count: int):
+        self._source, self._transform = source, transform
+        self._global_batch_size, self._process_index, self._process_count = (global_batch_size, process_index,
+                                                                             process_count)
+        self.num_examples = len(source)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_examples / self._global_batch_size)
+
+    def _example(self, index: int) -> dict[str, np.ndarray]:
+        if index < self.num_examples:
+            return self._transform(self._source[index])
+        return self._transform.invalid_example()
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        padded = grain.MapDataset.range(len(self) * self._global_batch_size)
+        host = padded[self._process_index::self._process_count].map(self._example)
+        batches = host.batch(self._global_batch_size // self._process_count)
+        return iter(batches.to_iter_dataset(_read_options(0)))
+
+
+def create_eval_dataset(dataset_cfg, input_cfg, *, tasks, global_batch_size,
+                        process_index: int | None = None, process_count: int | None = None) -> EvalDataset:
+    """Deterministic full-image evaluation batches (no augmentation) for this host, `len()` = number of batches."""
+    info = dataset_info(dataset_cfg)
+    tasks = check_tasks(info, tasks)
+    process_index, process_count, _ = _host_layout(global_batch_size, process_index, process_count)
+    source = _data_source(dataset_cfg, dataset_cfg.eval_split)
+    size = tuple(input_cfg.eval_size) if input_cfg.eval_size else info.image_size
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"input.eval_size must be (height, width) with positive entries, got {size!r}.")
+    transform = EvalTransform(tasks, size, input_cfg.mean, input_cfg.std)
+    return EvalDataset(source, transform, global_batch_size, process_index, process_count)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: builds one dataset as array_record (atomically), then prints its split sizes."""
+    import argparse
+    import types
+
+    parser = argparse.ArgumentParser(description="Prepare an auxmtl_jax TFDS dataset (no TensorFlow needed).")
+    parser.add_argument("--dataset", required=True, choices=KNOWN_DATASETS)
+    parser.add_argument("--config", default=None, help="builder config name, e.g. demo / tiny / default")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
+    parser.add_argument("--manual_dir", default=None, help="folder with the raw files the builder reads")
+    args = parser.parse_args(argv)
+    dataset_cfg = types.SimpleNamespace(name=args.dataset, config=args.config, data_dir=args.data_dir,
+                                        manual_dir=args.manual_dir, prepare=True, train_split="train",
+                                        eval_split="test")
+    prepare_dataset(dataset_cfg)
+    info = dataset_info(dataset_cfg)
+    print(f"{info.name} ({args.config or 'default config'}) ready in {get_builder(dataset_cfg).data_path}: "
+          f"splits {info.splits}, image size {info.image_size}, tasks {list(info.tasks)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Train-only modules that read the sown encoder stages: auxiliary modules (paper Eq. 2) and deep supervision.
+
+An auxiliary module for task t applies an adaptor D_p to each selected stage O_p, resizes the result to the
+finest selected resolution and aggregates along the hierarchy, h_p = h_{p-1} ⊙ D_p(O_p), then predicts task t
+with a small head. Adaptors and aggregators come from two registries (``OPERATIONS``, ``AGGREGATES``) so that a
+searched NAS genotype can build its cells from the same pieces:
+
+| operation          | what it is                                            |
+|--------------------|-------------------------------------------------------|
+| ``conv1x1``        | 1x1 conv + BN + ReLU (the paper's basic adaptor)      |
+| ``conv3x3``        | 3x3 conv + BN + ReLU                                  |
+| ``sep_conv3x3``    | depthwise 3x3 + BN, pointwise 1x1 + BN + ReLU         |
+| ``sep_conv3x3_dil3`` / ``sep_conv3x3_dil6`` | the same with dilation 3 / 6 |
+| ``skip``           | identity (keeps the input's channels)                 |
+
+The NAS space's deformable 3x3 conv is not implemented. Aggregators: ``sum`` (needs equal channels) and
+``concat``. Everything here lives outside ``main``, so dropping it leaves inference unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from auxmtl_jax.models.layers import ConvBN, PredictionHead, SeparableConvBN, resize_bilinear, to_task_output
+
+Dtype = Any
+OperationFactory = Callable[[int, Dtype, str], nn.Module]
+
+
+class Identity(nn.Module):
+    """The ``skip`` operation: returns its input (no parameters)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train
+        return x
+
+
+def _conv_bn(kernel_size: int) -> OperationFactory:
+    return lambda channels, dtype, name: ConvBN(channels, kernel_size, dtype=dtype, name=name)
+
+
+def _separable(dilation: int) -> OperationFactory:
+    return lambda channels, dtype, name: SeparableConvBN(channels, 3, dilation=dilation, dtype=dtype, name=name)
+
+
+OPERATIONS: dict[str, OperationFactory] = {
+    "conv1x1": _conv_bn(1),
+    "conv3x3": _conv_bn(3),
+    "sep_conv3x3": _separable(1),
+    "sep_conv3x3_dil3": _separable(3),
+    "sep_conv3x3_dil6": _separable(6),
+    "skip": lambda channels, dtype, name: Identity(name=name),
+}
+# The adaptors a config may choose for Eq. 2 (paper Table 2); the rest of OPERATIONS is for NAS cells.
+ADAPTORS = ("conv1x1", "conv3x3")
+
+
+def sum_aggregate(accumulated: jax.Array, new: jax.Array) -> jax.Array:
+    """Element-wise sum of two same-shape features."""
+    if accumulated.shape[-1] != new.shape[-1]:
+        raise ValueError(f"sum aggregation needs equal channel counts, got {accumulated.shape[-1]} and "
+                         f"{new.shape[-1]}; use 'concat' or an adaptor that outputs the common width")
+    return accumulated + new
+
+
+def concat_aggregate(accumulated: jax.Array, new: jax.Array) -> jax.Array:
+    """Channel concatenation of two features of the same spatial size."""
+    return jnp.concatenate([accumulated, new], axis=-1)
+
+
+AGGREGATES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "sum": sum_aggregate,
+    "concat": concat_aggregate,
+}
+
+
+class AuxiliaryModule(nn.Module):
+    """Paper Eq. 2 for one task: adaptors on the selected stages, hierarchical aggregation, task head.
+
+    ``features`` are stage names, aggregated in the given (shallow-to-deep) order. Parameters:
+    ``adaptor_{stage}`` per stage and ``head``.
+    """
+
+    task: str
+    out_channels: int
+    features: tuple[str, ...]
+    adaptor: str = "conv1x1"
+    aggregate: str = "concat"
+    channels: int = 64
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, stages: Mapping[str, jax.Array], output_size: tuple[int, int], train: bool) -> jax.Array:
+        height = max(stages[name].shape[1] for name in self.features)
+        width = max(stages[name].shape[2] for name in self.features)
+        make_adaptor, combine = OPERATIONS[self.adaptor], AGGREGATES[self.aggregate]
+        aggregated = None
+        for name in self.features:
+            adapted = make_adaptor(self.channels, self.dtype, f"adaptor_{name}")(stages[name].astype(self.dtype),
+                                                                               train)
+            adapted = resize_bilinear(adapted, height, width)
+            aggregated = adapted if aggregated is None else combine(aggregated, adapted)
+        raw = PredictionHead(self.out_channels, self.channels, dtype=self.dtype, name="head")(aggregated, train)
+        return to_task_output(self.task, raw, *output_size)
+
+
+class DeepSupervisionHeads(nn.Module):
+    """One light two-layer head per encoder stage for one task (the paper's DS baseline); ``head_{stage}``."""
+
+    task: str
+    out_channels: int
+    stages: tuple[str, ...]
+    hidden_channels: int = 64
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, stages: Mapping[str, jax.Array], output_size: tuple[int, int],
+                 train: bool) -> list[jax.Array]:
+        predictions = []
+        for name in self.stages:
+            raw = PredictionHead(self.out_channels, self.hidden_channels, dtype=self.dtype, name=f"head_{name}")(
+                stages[name].astype(self.dtype), train)
+            predictions.append(to_task_output(self.task, raw, *output_size))
+        return predictions

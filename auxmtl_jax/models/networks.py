@@ -1,0 +1,289 @@
+"""The main multi-task network and its composition with the train-only auxiliary / deep-supervision modules.
+
+``build_model(model_cfg, tasks, aux_cfg, deep_supervision_cfg)`` validates the configuration (one ValueError,
+before anything is traced) and returns a ``MultiTaskModel``:
+
+* ``model.main`` is a standalone linen module, the only thing inference runs:
+  ``model.main.apply({'params': P['main'], 'batch_stats': S['main']}, images, train=False) -> {task: output}``.
+* ``model.init(rng, images)`` gives ``{'params': {'main', 'aux'?, 'deep_supervision'?}, 'batch_stats': {...}}``
+  (``aux`` / ``deep_supervision`` are present only when those tasks are configured; each holds ``{task: ...}``).
+* ``model.apply(variables, images, train=...)`` runs ``main`` with the ``intermediates`` collection mutable and
+  feeds the sown encoder stages to the aux modules and deep-supervision heads, which are separate modules with
+  their own variables; it returns ``(ModelOutputs, new_batch_stats)``.
+
+Because aux modules only read the encoder stages, main-task losses never reach aux parameters and aux losses
+reach the encoder but never the decoders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from auxmtl_jax import tasks as task_lib
+from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, AuxiliaryModule, DeepSupervisionHeads
+from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
+                                        UShapeDecoder, aspp_rates)
+from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_module, encoder_stages
+from auxmtl_jax.models.layers import PredictionHead, to_task_output
+
+Dtype = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_FIXED_TASK_CHANNELS = {"depth": 1, "normal": 3}
+_MAX_DEEP_SUPERVISION_HIDDEN = 64
+
+
+class MultiTaskNet(nn.Module):
+    """Shared encoder (+ ASPP for ``context``) and one decoder per task; outputs at input resolution.
+
+    ``tasks`` is a tuple of ``(task, output_channels)``. Parameters: ``encoder``, ``aspp`` (context only) and
+    ``{task}_decoder`` per task.
+    """
+
+    encoder: str
+    width_multiplier: float
+    output_stride: int
+    decoder: str
+    tasks: tuple[tuple[str, int], ...]
+    head_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
+        height, width = images.shape[1], images.shape[2]
+        stages = encoder_module(self.encoder, width_multiplier=self.width_multiplier,
+                                output_stride=self.output_stride, dtype=self.dtype)(images, train)
+        if self.decoder == "ushape":
+            raw = {task: UShapeDecoder(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
+                stages, train) for task, channels in self.tasks}
+        else:
+            shared = stages[list(stages)[-1]]
+            if self.decoder == "context":
+                shared = ASPP(self.head_channels, aspp_rates(self.output_stride), dtype=self.dtype,
+                              name="aspp")(shared, train)
+            raw = {task: PredictionHead(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
+                shared, train) for task, channels in self.tasks}
+        return {task: to_task_output(task, raw[task], height, width) for task, _ in self.tasks}
+
+
+class ModelOutputs(NamedTuple):
+    """Predictions of one forward pass, all float32 at input resolution."""
+
+    main: dict[str, jax.Array]
+    aux: dict[str, jax.Array]
+    deep_supervision: dict[str, list[jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiTaskModel:
+    """``main`` plus the train-only modules, with pure ``init``/``apply``/``predict`` (hashable, jit-friendly)."""
+
+    main: MultiTaskNet
+    aux_modules: tuple[tuple[str, AuxiliaryModule], ...] = ()
+    deep_supervision_modules: tuple[tuple[str, DeepSupervisionHeads], ...] = ()
+    stage_names: tuple[str, ...] = ()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Main task names in output order."""
+        return tuple(task for task, _ in self.main.tasks)
+
+    @property
+    def task_channels(self) -> dict[str, int]:
+        """Output channels per main task."""
+        return dict(self.main.tasks)
+
+    @property
+    def aux_tasks(self) -> tuple[str, ...]:
+        return tuple(task for task, _ in self.aux_modules)
+
+    @property
+    def deep_supervision_tasks(self) -> tuple[str, ...]:
+        return tuple(task for task, _ in self.deep_supervision_modules)
+
+    def _side_modules(self) -> dict[str, tuple[tuple[str, nn.Module], ...]]:
+        modules = {"aux": self.aux_modules, "deep_supervision": self.deep_supervision_modules}
+        return {group: members for group, members in modules.items() if members}
+
+    def init(self, rng: jax.Array, images: jax.Array) -> dict[str, dict[str, Any]]:
+        """Initialise all variables (float32 params); wrap in ``jax.jit`` for large inputs."""
+        main_rng, side_rng = jax.random.split(rng)
+        # flax leaves `intermediates` out of init by default; the side modules need the sown stages to initialise.
+        main_variables = dict(self.main.init(main_rng, images, train=False, mutable=True))
+        stages = main_variables.pop("intermediates")["encoder"]
+        params, batch_stats = {"main": main_variables["params"]}, {"main": main_variables.get("batch_stats", {})}
+        output_size = (images.shape[1], images.shape[2])
+        side = self._side_modules()
+        side_rngs = jax.random.split(side_rng, max(1, sum(len(members) for members in side.values())))
+        position = 0
+        for group, members in side.items():
+            params[group], batch_stats[group] = {}, {}
+            for task, module in members:
+                variables = module.init(side_rngs[position], stages, output_size, train=False)
+                position += 1
+                params[group][task] = variables["params"]
+                if "batch_stats" in variables:
+                    batch_stats[group][task] = variables["batch_stats"]
+            if not batch_stats[group]:
+                del batch_stats[group]
+        return {"params": params, "batch_stats": batch_stats}
+
+    def apply(self, variables: Mapping[str, Any], images: jax.Array, *,
+              train: bool) -> tuple[ModelOutputs, dict[str, Any]]:
+        """Forward main + aux + deep supervision; returns outputs and batch_stats shaped like the input's."""
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        main_outputs, main_state = self.main.apply(
+            _module_variables(params["main"], batch_stats.get("main")), images, train=train,
+            mutable=["batch_stats", "intermediates"])
+        stages = main_state["intermediates"]["encoder"]
+        new_batch_stats = {"main": main_state["batch_stats"]} if "main" in batch_stats else {}
+        output_size = (images.shape[1], images.shape[2])
+        side_outputs = {"aux": {}, "deep_supervision": {}}
+        for group, members in self._side_modules().items():
+            group_stats = batch_stats.get(group, {})
+            for task, module in members:
+                prediction, state = module.apply(
+                    _module_variables(params[group][task], group_stats.get(task)), stages, output_size,
+                    train=train, mutable=["batch_stats"])
+                side_outputs[group][task] = prediction
+                if task in group_stats:
+                    new_batch_stats.setdefault(group, {})[task] = state["batch_stats"]
+        outputs = ModelOutputs(main=main_outputs, aux=side_outputs["aux"],
+                               deep_supervision=side_outputs["deep_supervision"])
+        return outputs, new_batch_stats
+
+    def predict(self, main_variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
+        """Inference: ``main`` alone in eval mode, from ``{'params': P['main'], 'batch_stats': S['main']}``."""
+        return self.main.apply(main_variables, images, train=False)
+
+
+def _module_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    variables = {"params": params}
+    if batch_stats is not None:
+        variables["batch_stats"] = batch_stats
+    return variables
+
+
+def build_model(model_cfg: Any, tasks: Mapping[str, int], aux_cfg: Any = None,
+                deep_supervision_cfg: Any = None) -> MultiTaskModel:
+    """Validate the config (one ValueError naming field, value and allowed values) and assemble the model.
+
+    ``tasks`` maps task name -> output channels (segmentation: number of classes; depth 1; normal 3).
+    ``aux_cfg`` / ``deep_supervision_cfg`` may be None (no aux modules / no deep supervision).
+    """
+    task_channels = _validated_tasks(tasks)
+    encoder = _choice(model_cfg, "model.encoder", "encoder", ENCODERS)
+    decoder = _choice(model_cfg, "model.decoder", "decoder", DECODERS)
+    dtype_name = _choice(model_cfg, "model.dtype", "dtype", tuple(DTYPES), default="float32")
+    width_multiplier = _field(model_cfg, "model.width_multiplier", "width_multiplier", 1.0)
+    if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, numbers.Real) or width_multiplier <= 0:
+        raise ValueError(f"model.width_multiplier: expected a positive number, got {width_multiplier!r}")
+    output_stride = _field(model_cfg, "model.output_stride", "output_stride", None)
+    if output_stride is None:
+        output_stride = DEFAULT_OUTPUT_STRIDE[decoder]
+    elif isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"model.output_stride: got {output_stride!r}; expected None (decoder default) or one of "
+                         f"{OUTPUT_STRIDES}")
+    head_channels = _field(model_cfg, "model.head_channels", "head_channels", None)
+    if head_channels is None:
+        head_channels = DEFAULT_HEAD_CHANNELS[decoder]
+    _require_positive_int("model.head_channels", head_channels)
+    dtype = DTYPES[dtype_name]
+    stages = encoder_stages(encoder, width_multiplier=float(width_multiplier), output_stride=output_stride)
+    stage_names = tuple(stage.name for stage in stages)
+
+    main = MultiTaskNet(encoder=encoder, width_multiplier=float(width_multiplier), output_stride=output_stride,
+                        decoder=decoder, tasks=tuple(task_channels.items()), head_channels=head_channels,
+                        dtype=dtype)
+    aux_modules = _aux_modules(aux_cfg, task_channels, stage_names, dtype)
+    deep_supervision_modules = _deep_supervision_modules(deep_supervision_cfg, task_channels, stage_names,
+                                                         min(head_channels, _MAX_DEEP_SUPERVISION_HIDDEN), dtype)
+    return MultiTaskModel(main=main, aux_modules=aux_modules, deep_supervision_modules=deep_supervision_modules,
+                          stage_names=stage_names)
+
+
+def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple[str, ...],
+                 dtype: Dtype) -> tuple[tuple[str, AuxiliaryModule], ...]:
+    aux_tasks = _selected_tasks(aux_cfg, "aux.tasks", task_channels)
+    if not aux_tasks:
+        return ()
+    features = _field(aux_cfg, "aux.features", "features", ()) or ()
+    if isinstance(features, str):
+        raise ValueError(f"aux.features: expected a sequence of stage names, got the string {features!r}; "
+                         f"the encoder sows {stage_names}")
+    features = tuple(features)
+    unknown = [name for name in features if name not in stage_names]
+    if unknown:
+        raise ValueError(f"aux.features: {unknown} not sown by this encoder; it sows {stage_names}")
+    repeated = sorted({name for name in features if features.count(name) > 1})
+    if repeated:
+        raise ValueError(f"aux.features: stage(s) {repeated} listed more than once")
+    features = tuple(name for name in stage_names if name in features) if features else stage_names
+    adaptor = _choice(aux_cfg, "aux.adaptor", "adaptor", ADAPTORS, default="conv1x1")
+    aggregate = _choice(aux_cfg, "aux.aggregate", "aggregate", tuple(AGGREGATES), default="concat")
+    channels = _field(aux_cfg, "aux.channels", "channels", 64)
+    _require_positive_int("aux.channels", channels)
+    return tuple((task, AuxiliaryModule(task=task, out_channels=task_channels[task], features=features,
+                                        adaptor=adaptor, aggregate=aggregate, channels=channels, dtype=dtype))
+                 for task in aux_tasks)
+
+
+def _deep_supervision_modules(ds_cfg: Any, task_channels: dict[str, int], stage_names: tuple[str, ...],
+                              hidden_channels: int, dtype: Dtype) -> tuple[tuple[str, DeepSupervisionHeads], ...]:
+    ds_tasks = _selected_tasks(ds_cfg, "deep_supervision.tasks", task_channels)
+    return tuple((task, DeepSupervisionHeads(task=task, out_channels=task_channels[task], stages=stage_names,
+                                             hidden_channels=hidden_channels, dtype=dtype))
+                 for task in ds_tasks)
+
+
+def _selected_tasks(cfg: Any, what: str, task_channels: dict[str, int]) -> tuple[str, ...]:
+    """Validated ``cfg.tasks`` (a subset of the main tasks, in main-task order); () when cfg is None."""
+    if cfg is None:
+        return ()
+    selected = _field(cfg, what, "tasks", ()) or ()
+    task_lib.validate_tasks(selected, available=tuple(task_channels),
+                            what=f"{what} (must be among the main tasks)")
+    return tuple(task for task in task_channels if task in selected)
+
+
+def _validated_tasks(tasks: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise ValueError(f"tasks: expected a non-empty mapping task name -> output channels, got {tasks!r}")
+    task_lib.validate_tasks(tuple(tasks), what="tasks")
+    for task, channels in tasks.items():
+        _require_positive_int(f"tasks[{task!r}] (output channels)", channels)
+        if task in _FIXED_TASK_CHANNELS and channels != _FIXED_TASK_CHANNELS[task]:
+            raise ValueError(f"tasks[{task!r}]: a {task} head has {_FIXED_TASK_CHANNELS[task]} output channel(s), "
+                             f"got {channels!r}")
+    return dict(tasks)
+
+
+_MISSING = object()
+
+
+def _field(cfg: Any, what: str, attribute: str, default: Any = _MISSING) -> Any:
+    value = getattr(cfg, attribute, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise ValueError(f"{what}: missing from the config ({type(cfg).__name__})")
+        return default
+    return value
+
+
+def _choice(cfg: Any, what: str, attribute: str, allowed: tuple[str, ...], default: Any = _MISSING) -> str:
+    value = _field(cfg, what, attribute, default)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{what}: unknown value {value!r}; expected one of {allowed}")
+    return value
+
+
+def _require_positive_int(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what}: expected a positive integer, got {value!r}")

@@ -1,0 +1,474 @@
+"""The training program: one data-parallel jitted step, periodic evaluation, checkpoints, export and logs.
+
+`train_and_evaluate(config, workdir)` is what `run.py` calls. A config with `runs` (a sweep such as the demo's
+Joint vs Auxi-all) trains each run in WORKDIR/<name> and then prints and writes their comparison table.
+Re-running the same command on the same workdir resumes every unfinished run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import math
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import input_pipeline
+from auxmtl_jax import metrics as metrics_lib
+from auxmtl_jax import parallel
+from auxmtl_jax import reporting
+from auxmtl_jax import tasks as tasks_lib
+from auxmtl_jax import weighting as weighting_lib
+from auxmtl_jax.models import MultiTaskModel, build_model
+
+log = logging.getLogger("auxmtl_jax")
+RESULTS_FILE = "results.json"
+RESULTS_TABLE = "results.txt"
+COMPARISON_TABLE = "comparison.txt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss; the last checkpoint (if any) is still the last good one."""
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step changes: step counter, parameters, BatchNorm statistics and optimiser state."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def create_learning_rate_fn(optimizer_cfg, num_train_steps: int) -> optax.Schedule:
+    """Linear warm-up (optional), then the paper's poly decay lr·(1 − t/T)^power down to 0 at `num_train_steps`."""
+    warmup = int(optimizer_cfg.warmup_steps)
+    decay = optax.polynomial_schedule(init_value=optimizer_cfg.learning_rate, end_value=0.0,
+                                      power=optimizer_cfg.poly_power,
+                                      transition_steps=max(num_train_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    ramp = optax.linear_schedule(0.0, optimizer_cfg.learning_rate, warmup)
+    return optax.join_schedules([ramp, decay], boundaries=[warmup])
+
+
+def create_optimizer(config, learning_rate_fn: optax.Schedule, params) -> optax.GradientTransformation:
+    """SGD with momentum and weight decay on every network weight (not on loss-weighting parameters).
+
+    Parameters loaded by `init_from` (the Prior strategy) have their updates scaled by `init_from.lr_scale`.
+    """
+    decayed = _top_level_mask(params, exclude=("loss_weighting",))
+    chain = [optax.add_decayed_weights(config.optimizer.weight_decay, mask=decayed),
+             optax.sgd(learning_rate_fn, momentum=config.optimizer.momentum)]
+    if config.init_from.path and config.init_from.lr_scale != 1.0:
+        loaded = _prior_mask(params, config.init_from.scope)
+        chain.append(optax.masked(optax.scale(config.init_from.lr_scale), loaded))
+    return optax.chain(*chain)
+
+
+def _top_level_mask(params, *, exclude: tuple[str, ...]):
+    return {key: jax.tree.map(lambda _: key not in exclude, subtree) for key, subtree in params.items()}
+
+
+def _prior_mask(params, scope: str):
+    def mark(path, _):
+        keys = [getattr(entry, "key", None) for entry in path]
+        return keys[:1] == ["main"] and (scope == "main" or keys[1:2] == ["encoder"])
+
+    return jax.tree_util.tree_map_with_path(mark, params)
+
+
+def task_channels(tasks, num_classes: int | None) -> dict[str, int]:
+    """{task: output channels} for the config's tasks (segmentation takes the dataset's class count)."""
+    return {task: tasks_lib.output_channels(task, num_classes if task == "segmentation" else None)
+            for task in tasks}
+
+
+def create_model(config, num_classes: int | None) -> MultiTaskModel:
+    tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    return build_model(config.model, task_channels(config.tasks, num_classes), aux_cfg=config.aux,
+                       deep_supervision_cfg=config.deep_supervision)
+
+
+def create_train_state(config, model: MultiTaskModel, rng: jax.Array, image_shape,
+                       learning_rate_fn: optax.Schedule) -> tuple[TrainState, optax.GradientTransformation]:
+    """Fresh variables (with `init_from` / `model.encoder_init` merged in) and optimiser state."""
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
+    params = dict(variables["params"])
+    batch_stats = dict(variables.get("batch_stats", {}))
+    params, batch_stats = _load_initialisations(config, params, batch_stats)
+    weighting = weighting_lib.get_weighting(config.loss_weighting)
+    loss_weighting_params = weighting.init(tuple(config.tasks))
+    if loss_weighting_params:
+        params["loss_weighting"] = loss_weighting_params
+    tx = create_optimizer(config, learning_rate_fn, params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params))
+    return state, tx
+
+
+def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict, dict]:
+    if config.model.encoder_init:
+        from auxmtl_jax import pretrained
+
+        encoder = pretrained.load_pretrained_encoder(config.model.encoder_init, config.model.encoder)
+        merged = pretrained.merge_encoder({"params": params, "batch_stats": batch_stats}, encoder)
+        params, batch_stats = dict(merged["params"]), dict(merged["batch_stats"])
+    if config.init_from.path:
+        loaded = checkpoint_lib.load_prior_params(config.init_from.path, config.init_from.scope)
+        params["main"] = checkpoint_lib.merge_params(
+            params["main"], loaded, what=f"config.init_from.path={config.init_from.path!r} (main params)")
+    return params, batch_stats
+
+
+def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch) -> tuple[dict, dict]:
+    """Named loss terms of one batch (`loss/<task>`, weighted `aux_loss/<task>`, `ds_loss/<task>`) and new BN stats."""
+    outputs, new_batch_stats = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                           train=True)
+    terms = {f"loss/{task}": tasks_lib.task_loss(task, prediction, batch)
+             for task, prediction in outputs.main.items()}
+    for task, prediction in outputs.aux.items():
+        terms[f"aux_loss/{task}"] = config.aux.weight * tasks_lib.task_loss(task, prediction, batch)
+    for task, predictions in outputs.deep_supervision.items():
+        terms[f"ds_loss/{task}"] = config.deep_supervision.weight * sum(
+            tasks_lib.task_loss(task, prediction, batch) for prediction in predictions)
+    return terms, new_batch_stats
+
+
+def train_step(state: TrainState, batch, *, model: MultiTaskModel, config, tx: optax.GradientTransformation,
+               learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict]:
+    """One SGD step on a global batch; returns the new state and the step's scalar metrics."""
+    weighting = weighting_lib.get_weighting(config.loss_weighting)
+
+    def terms_fn(params):
+        return loss_terms(model, config, params, state.batch_stats, batch)
+
+    (total, (terms, new_batch_stats)), grads = weighting.value_and_grad(terms_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = {"loss/total": total, **terms, "lr": learning_rate_fn(state.step)}
+    for task, log_var in state.params.get("loss_weighting", {}).get("log_var", {}).items():
+        step_metrics[f"log_var/{task}"] = log_var
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats,
+                              opt_state=opt_state)
+    return new_state, step_metrics
+
+
+def gradient_statistics(state: TrainState, batch, coordinates, *, model: MultiTaskModel, config) -> dict:
+    """Fig. 5 statistics: mean |grad| of sampled encoder weights, in total and split into main and aux parts."""
+    from auxmtl_jax.analysis import gradients
+
+    weighting = weighting_lib.get_weighting(config.loss_weighting)
+    combine = weighting_lib.kendall_combine if weighting.name == "kendall" else weighting_lib.equal_combine
+
+    def loss_parts(encoder_params):
+        params = dict(state.params)
+        params["main"] = {**params["main"], "encoder": encoder_params}
+        terms, _ = loss_terms(model, config, params, state.batch_stats, batch)
+        main_terms = {key: value for key, value in terms.items() if key.startswith(weighting_lib.MAIN_PREFIX)}
+        main_loss = combine(params.get("loss_weighting", {}), main_terms)
+        return main_loss, weighting_lib.other_terms_sum(terms)
+
+    return gradients.gradient_log_entries(loss_parts, state.params, coordinates)
+
+
+def eval_step(main_variables, metric_state, batch, *, model: MultiTaskModel):
+    """Adds one global test batch to the streaming metric state (inference runs `main` only)."""
+    predictions = model.predict(main_variables, batch["image"])
+    return metrics_lib.update_state(metric_state, predictions, batch)
+
+
+def main_variables(state: TrainState) -> dict:
+    """What inference needs: the `main` params and BatchNorm statistics."""
+    return {"params": state.params["main"], "batch_stats": state.batch_stats.get("main", {})}
+
+
+def evaluate(eval_fn: Callable, state: TrainState, eval_data, initial_metric_state, mesh) -> dict:
+    metric_state = initial_metric_state
+    variables = main_variables(state)
+    for local_batch in eval_data:
+        metric_state = eval_fn(variables, metric_state, parallel.global_batch(local_batch, mesh))
+    return metrics_lib.compute(metric_state)
+
+
+def reference_results(config) -> dict | None:
+    """Single-task reference numbers for Δm%: a {task: {metric: value}} dict or a path to a results.json."""
+    references = config.get("reference_results")
+    if references is None:
+        return None
+    if isinstance(references, str):
+        path = epath.Path(references)
+        if not path.exists():
+            raise ValueError(f"config.reference_results={references!r} does not exist; expected a results.json "
+                             "or a {task: {metric: value}} dict.")
+        references = json.loads(path.read_text())["metrics"]
+    return {task: dict(values) for task, values in dict(references).items()}
+
+
+def _results_delta_m(results, references) -> float | None:
+    if references is None:
+        return None
+    try:
+        return metrics_lib.delta_m(results, references)
+    except ValueError:
+        return None
+
+
+def write_results(workdir: epath.Path, name: str, step: int, results: dict, references) -> dict:
+    """WORKDIR/results.json and a readable results.txt, both written atomically."""
+    record = {"name": name, "step": int(step), "metrics": results, "delta_m": _results_delta_m(results, references)}
+    if jax.process_index() == 0:
+        checkpoint_lib._write_text_atomic(workdir / RESULTS_FILE, json.dumps(record, indent=2, allow_nan=True))
+        checkpoint_lib._write_text_atomic(workdir / RESULTS_TABLE,
+                                          metrics_lib.format_table({name: results}, references) + "\n")
+    return record
+
+
+def first_non_finite(window: list[tuple[int, dict]]) -> tuple[int, str] | None:
+    """(step, loss name) of the first NaN/Inf loss in a window of host metrics, or None."""
+    for step, values in window:
+        for key, value in values.items():
+            if "loss" in key and not math.isfinite(float(value)):
+                return step, key
+    return None
+
+
+def model_export_config(config, dataset: input_pipeline.DatasetInfo) -> dict:
+    """The model description stored next to exported weights: enough to rebuild `main` and preprocess images."""
+    return {"model": config.model.to_dict(),
+            "tasks": task_channels(config.tasks, dataset.num_classes),
+            "class_names": list(dataset.class_names or []),
+            "input": {"mean": list(config.input.mean), "std": list(config.input.std),
+                      "eval_size": list(config.input.eval_size or dataset.image_size)},
+            "dataset": {"name": config.dataset.name, "config": config.dataset.config}}
+
+
+def validate_config(config) -> None:
+    """Schedule and batch fields that would otherwise fail deep inside the loop."""
+    positive = ("num_train_steps", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps", "max_checkpoints_to_keep")
+    for key in positive:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{key}={value!r}; expected a positive integer.")
+    if config.optimizer.learning_rate <= 0:
+        raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.")
+    tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    if not config.tasks:
+        raise ValueError("config.tasks is empty; expected at least one of " + ", ".join(tasks_lib.TASK_NAMES))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains and evaluates one run, or every run of a sweep (`config.runs`); returns the results record(s)."""
+    parallel.initialize_distributed(config.distributed)
+    workdir = epath.Path(workdir)
+    if config.get("runs"):
+        return train_sweep(config, workdir)
+    return train_single(config, workdir)
+
+
+def run_config(config: ml_collections.ConfigDict, name: str, variant: str) -> ml_collections.ConfigDict:
+    """The config of one sweep run: `variant` applied to a copy, named `name`."""
+    from auxmtl_configs import common
+
+    child = copy.deepcopy(config)
+    child.runs = None
+    common.apply_variant(child, variant)
+    child.name = name
+    return child
+
+
+def train_sweep(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+    """Trains every run of `config.runs` into WORKDIR/<name>; writes the comparison table (and figures)."""
+    runs = {name: run_config(config, name, variant) for name, variant in dict(config.runs).items()}
+    records = {name: train_single(child, workdir / name) for name, child in runs.items()}
+    references = reference_results(config)
+    table = metrics_lib.format_table({name: record["metrics"] for name, record in records.items()}, references)
+    if jax.process_index() == 0:
+        checkpoint_lib._write_text_atomic(workdir / COMPARISON_TABLE, table + "\n")
+        print(f"\n{table}\n(written to {workdir / COMPARISON_TABLE})", flush=True)
+        if config.analysis.figures:
+            _write_sweep_figures(config, workdir, {name: workdir / name for name in runs})
+    return records
+
+
+def _write_sweep_figures(config, workdir: epath.Path, run_workdirs: Mapping[str, epath.Path]) -> None:
+    from auxmtl_jax.analysis import figures
+
+    task = "depth" if "depth" in config.tasks else config.tasks[0]
+    paths = figures.write_sweep_figures({name: str(path) for name, path in run_workdirs.items()}, str(workdir),
+                                        task=task)
+    for path in paths:
+        log.info("wrote %s", path)
+
+
+def _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding):
+    batch_sharding = parallel.batch_sharding(mesh)
+    replicated = parallel.replicated_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, config=config, tx=tx, learning_rate_fn=learning_rate_fn),
+        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+        donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(replicated, replicated, batch_sharding), out_shardings=replicated,
+                      donate_argnums=1)
+    grad_fn = jax.jit(functools.partial(gradient_statistics, model=model, config=config),
+                      in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=replicated)
+    return step_fn, eval_fn, grad_fn
+
+
+def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+    """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results."""
+    validate_config(config)
+    input_pipeline.prepare_dataset(config.dataset)
+    dataset = input_pipeline.dataset_info(config.dataset)
+    missing = [task for task in config.tasks if task not in dataset.tasks]
+    if missing:
+        raise ValueError(f"config.tasks asks for {missing} but dataset {dataset.name!r} has only {list(dataset.tasks)}.")
+    model = create_model(config, dataset.num_classes)
+    mesh = parallel.create_mesh(config.get("num_devices"))
+    parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+    parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint_lib.check_workdir_config(workdir, config)
+    learning_rate_fn = create_learning_rate_fn(config.optimizer, config.num_train_steps)
+    rng = jax.random.key(config.seed)
+    state, tx = create_train_state(config, model, rng, (*config.input.crop_size, 3), learning_rate_fn)
+    state_sharding = jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
+    train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
+                                                      global_batch_size=config.batch_size, seed=config.seed)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        state, data_state = checkpointer.restore(start_step, state)
+        train_iter.set_state(data_state)
+        log.info("resumed %s from step %d", workdir, start_step)
+    state = jax.device_put(state, state_sharding)
+    writer = reporting.MetricWriter(workdir)
+    writer.truncate_after(start_step)
+    if start_step == 0 and jax.process_index() == 0:
+        log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
+
+    step_fn, eval_fn, grad_fn = _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding)
+    eval_data = input_pipeline.create_eval_dataset(config.dataset, config.input, tasks=tuple(config.tasks),
+                                                   global_batch_size=config.eval_batch_size)
+    initial_metric_state = parallel.replicate(metrics_lib.init_state(config.tasks, dataset.num_classes), mesh)
+    coordinates = _gradient_coordinates(config, state)
+    loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter)
+    try:
+        with jax.set_mesh(mesh):
+            state = loop.run(state, start_step, step_fn, grad_fn, coordinates,
+                             lambda s: evaluate(eval_fn, s, eval_data, initial_metric_state, mesh))
+    finally:
+        checkpointer.close()
+        writer.close()
+    results = loop.final_results
+    record = write_results(workdir, config.name, config.num_train_steps, results, reference_results(config))
+    if jax.process_index() == 0:
+        checkpoint_lib.export_inference(workdir, main_variables(state), model_export_config(config, dataset))
+        print(f"\n{config.name} (step {config.num_train_steps}):\n"
+              f"{metrics_lib.format_table({config.name: results}, reference_results(config))}", flush=True)
+        if config.analysis.figures:
+            _write_prediction_figure(config, workdir, model, state, eval_data, dataset)
+    return record
+
+
+def _gradient_coordinates(config, state: TrainState):
+    if not config.analysis.grad_log_every_steps:
+        return None
+    from auxmtl_jax.analysis import gradients
+
+    return gradients.sample_coordinates(jax.device_get(state.params["main"]["encoder"]),
+                                        samples_per_layer=config.analysis.grad_samples_per_layer,
+                                        seed=config.seed)
+
+
+def _write_prediction_figure(config, workdir, model, state, eval_data, dataset) -> None:
+    from auxmtl_jax.analysis import figures
+
+    batch = next(iter(eval_data))
+    count = min(4, len(batch["image"]))
+    images = {key: np.asarray(value[:count]) for key, value in batch.items()}
+    predictions = jax.device_get(model.predict(jax.device_get(main_variables(state)), images["image"]))
+    targets = {task: images[task] for task in predictions}
+    paths = figures.write_prediction_grid(images["image"], predictions, targets, str(workdir / "predictions.png"),
+                                         num_classes=dataset.num_classes,
+                                         denormalise=(config.input.mean, config.input.std))
+    log.info("wrote %s", ", ".join(map(str, paths)))
+
+
+class _TrainLoop:
+    """The step loop with its periodic duties: logging, NaN checks, gradient statistics, checkpoints, eval."""
+
+    def __init__(self, config, workdir, mesh, writer, checkpointer, train_iter):
+        self.config, self.workdir, self.mesh = config, workdir, mesh
+        self.writer, self.checkpointer, self.train_iter = writer, checkpointer, train_iter
+        self.window: list[tuple[int, Any]] = []
+        self.final_results: dict | None = None
+
+    def _due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.config.num_train_steps
+
+    def run(self, state, start_step, step_fn, grad_fn, coordinates, evaluate_fn):
+        config = self.config
+        progress = reporting.Progress(total=config.num_train_steps, initial=start_step,
+                                      batch_size=config.batch_size, enabled=config.progress_bar)
+        grad_every = config.analysis.grad_log_every_steps
+        try:
+            for step in range(start_step, config.num_train_steps):
+                batch = parallel.global_batch(next(self.train_iter), self.mesh)
+                extra = {}
+                if grad_every and (step + 1) % grad_every == 0:
+                    extra = jax.device_get(grad_fn(state, batch, coordinates))
+                state, step_metrics = step_fn(state, batch)
+                done = step + 1
+                self.window.append((done, step_metrics))
+                if self._due(done, config.log_every_steps) or extra:
+                    self._log(done, progress, extra)
+                if self._due(done, config.checkpoint_every_steps):
+                    self._check_finite()
+                    self.checkpointer.save(done, state, self.train_iter.get_state())
+                if self._due(done, config.eval_every_steps):
+                    results = evaluate_fn(state)
+                    self.writer.write(done, "eval", _flatten_results(results))
+                    if done == config.num_train_steps:
+                        self.final_results = results
+        finally:
+            progress.close()
+        if self.final_results is None:  # resumed after the last step: evaluate the restored state
+            self.final_results = evaluate_fn(state)
+        return state
+
+    def _check_finite(self) -> None:
+        host = [(step, jax.device_get(values)) for step, values in self.window]
+        bad = first_non_finite(host)
+        if bad is not None:
+            step, key = bad
+            last = self.checkpointer.latest_step()
+            kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
+            raise NonFiniteLossError(f"{key} became non-finite at step {step} of {self.workdir}; training stopped "
+                                     f"and {kept}. Lower optimizer.learning_rate or check the data.")
+        self.window = host
+
+    def _log(self, step: int, progress: reporting.Progress, extra: Mapping[str, Any]) -> None:
+        self._check_finite()
+        values = {key: float(np.mean([float(v[key]) for _, v in self.window])) for key in self.window[-1][1]}
+        values["images_per_sec"] = progress.update(step, values["loss/total"])
+        self.writer.write(step, "train", {**values, **{k: float(v) for k, v in extra.items()}})
+        self.window = []
+
+
+def _flatten_results(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    return {f"{task}/{metric}": value for task, values in results.items() for metric, value in values.items()}

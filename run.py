@@ -1,0 +1,31 @@
+r"""Trains and evaluates a multi-task network with auxiliary modules (flags only; the work is in auxmtl_jax.train).
+
+  python run.py --config=configs/sunrgbd_three_task.py --workdir=workdirs/sunrgbd
+  python run.py --config=configs/nyuv2_two_task.py:strategy=auxi:depth,decoder=context --workdir=workdirs/nyu_ctx
+  python run.py --config=configs/synthetic_three_task.py --workdir=workdirs/demo --config.num_train_steps=300
+
+Re-running the same command on the same workdir resumes from the last checkpoint.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from auxmtl_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results and the export.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

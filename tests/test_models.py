@@ -1,0 +1,247 @@
+"""Model library: output shapes, the {main, aux} split, gradient isolation, inference cost, config errors."""
+
+import math
+import re
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from auxmtl_jax import tasks as task_lib
+from auxmtl_jax.models import (ADAPTORS, AGGREGATES, DECODERS, ENCODERS, OPERATIONS, ModelOutputs, build_model,
+                               encoder_stages)
+
+TASKS = {"segmentation": 5, "depth": 1, "normal": 3}
+IMAGE_SHAPE = (2, 32, 32, 3)
+
+
+def model_config(**overrides):
+    fields = dict(encoder="mobilenet_v2", width_multiplier=0.25, output_stride=None, decoder="ushape",
+                  head_channels=8, dtype="float32")
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def aux_config(**overrides):
+    fields = dict(tasks=tuple(TASKS), features=(), adaptor="conv1x1", aggregate="concat", channels=8)
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def count_parameters(tree):
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def main_variables(variables):
+    return {"params": variables["params"]["main"], "batch_stats": variables["batch_stats"]["main"]}
+
+
+def random_batch(key, shape=IMAGE_SHAPE):
+    keys = jax.random.split(key, 4)
+    batch, height, width, _ = shape
+    normal = jax.random.normal(keys[3], (batch, height, width, 3))
+    return {
+        "image": jax.random.normal(keys[0], shape),
+        "segmentation": jax.random.randint(keys[1], (batch, height, width), 0, TASKS["segmentation"]),
+        "depth": jax.random.uniform(keys[2], (batch, height, width, 1), minval=0.5, maxval=5.0),
+        "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return random_batch(jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def full_model():
+    """MobileNetV2 U-shape, three tasks, aux for every task, deep supervision for depth."""
+    return build_model(model_config(), TASKS, aux_config(), SimpleNamespace(tasks=("depth",)))
+
+
+def random_variables(model, images, seed=0):
+    """Variables with ``init``'s structure and dtypes, filled on the host (compiling ``init`` costs more CPU)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(images.shape, images.dtype))
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        if name == "['var']":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def full_variables(full_model, batch):
+    return random_variables(full_model, batch["image"])
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_output_shapes_for_every_encoder_decoder_and_task(encoder, decoder):
+    model = build_model(model_config(encoder=encoder, decoder=decoder), TASKS, aux_config(),
+                        SimpleNamespace(tasks=("segmentation", "normal")))
+    images = jax.ShapeDtypeStruct(IMAGE_SHAPE, jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    outputs, new_batch_stats = jax.eval_shape(lambda v, x: model.apply(v, x, train=True), variables, images)
+
+    assert set(variables["params"]) == {"main", "aux", "deep_supervision"}
+    assert set(variables["params"]["aux"]) == set(TASKS)
+    assert set(variables["params"]["deep_supervision"]) == {"segmentation", "normal"}
+    assert jax.tree.structure(new_batch_stats) == jax.tree.structure(variables["batch_stats"])
+    expected = {task: IMAGE_SHAPE[:3] + (channels,) for task, channels in TASKS.items()}
+    assert {task: out.shape for task, out in outputs.main.items()} == expected
+    assert {task: out.shape for task, out in outputs.aux.items()} == expected
+    for task, predictions in outputs.deep_supervision.items():
+        assert [out.shape for out in predictions] == [expected[task]] * len(model.stage_names)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(outputs))
+
+
+def test_stage_names_match_encoder_stages():
+    assert build_model(model_config(), TASKS).stage_names == ("stage1", "stage2", "stage3", "stage4", "stage5")
+    resnet = build_model(model_config(encoder="resnet50"), TASKS)
+    assert resnet.stage_names == tuple(stage.name for stage in encoder_stages("resnet50", width_multiplier=0.25))
+    assert resnet.stage_names == ("stage2", "stage3", "stage4", "stage5")
+
+
+def test_bfloat16_keeps_float32_params_and_outputs():
+    model = build_model(model_config(dtype="bfloat16", decoder="context"), TASKS, aux_config())
+    images = jax.ShapeDtypeStruct(IMAGE_SHAPE, jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    outputs, _ = jax.eval_shape(lambda v, x: model.apply(v, x, train=True), variables, images)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(outputs)} == {jnp.dtype(jnp.float32)}
+
+
+def test_aux_feature_selection_adaptor_and_sum_aggregate():
+    model = build_model(model_config(), TASKS,
+                        aux_config(tasks=("depth",), features=("stage4", "stage2"), adaptor="conv3x3",
+                                   aggregate="sum"))
+    images = jax.ShapeDtypeStruct(IMAGE_SHAPE, jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    depth_aux = variables["params"]["aux"]["depth"]
+    assert set(depth_aux) == {"adaptor_stage2", "adaptor_stage4", "head"}
+    assert depth_aux["adaptor_stage2"]["conv"]["kernel"].shape[:2] == (3, 3)
+    # sum keeps the adaptor width, so the head sees 8 channels (concat of two would give 16)
+    assert depth_aux["head"]["hidden"]["conv"]["kernel"].shape[2] == 8
+    assert "deep_supervision" not in variables["params"]
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_every_registered_operation_keeps_resolution(operation):
+    module = OPERATIONS[operation](6, jnp.float32, "op")
+    features = jax.ShapeDtypeStruct((1, 9, 9, 4), jnp.float32)
+    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), features)
+    output = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, features)
+    assert output.shape == (1, 9, 9, 4 if operation == "skip" else 6)
+
+
+def test_predict_equals_training_forward_in_eval_mode(full_model, full_variables, batch):
+    outputs, new_batch_stats = jax.jit(lambda v, x: full_model.apply(v, x, train=False))(full_variables,
+                                                                                         batch["image"])
+    predicted = jax.jit(full_model.predict)(main_variables(full_variables), batch["image"])
+    assert isinstance(outputs, ModelOutputs)
+    for task in TASKS:
+        np.testing.assert_allclose(predicted[task], outputs.main[task], rtol=1e-6, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, new_batch_stats, full_variables["batch_stats"])
+    assert float(jnp.min(predicted["depth"])) >= 0.0
+    np.testing.assert_allclose(jnp.linalg.norm(predicted["normal"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_apply_ignores_extra_top_level_params(full_model, full_variables, batch):
+    params = dict(full_variables["params"], loss_weighting={"log_variance": jnp.zeros(3)})
+    variables = {"params": params, "batch_stats": full_variables["batch_stats"]}
+    outputs, _ = jax.eval_shape(lambda v, x: full_model.apply(v, x, train=True), variables, batch["image"])
+    assert set(outputs.aux) == set(TASKS)
+
+
+def test_gradients_keep_aux_and_main_paths_apart(full_model, full_variables, batch):
+    def losses(params):
+        outputs, new_batch_stats = full_model.apply(
+            {"params": params, "batch_stats": full_variables["batch_stats"]}, batch["image"], train=True)
+        main_loss = sum(task_lib.task_losses(outputs.main, batch).values())
+        aux_loss = sum(task_lib.task_losses(outputs.aux, batch).values())
+        return main_loss, aux_loss, new_batch_stats
+
+    def stacked_losses(params):
+        main_loss, aux_loss, new_batch_stats = losses(params)
+        return jnp.stack([main_loss, aux_loss]), new_batch_stats
+
+    @jax.jit
+    def gradients(params):
+        # one batched backward pass for both losses (cheaper to compile than two jax.grad calls)
+        grads, new_batch_stats = jax.jacrev(stacked_losses, has_aux=True)(params)
+        return jax.tree.map(lambda g: g[0], grads), jax.tree.map(lambda g: g[1], grads), new_batch_stats
+
+    main_grads, aux_grads, new_batch_stats = gradients(full_variables["params"])
+
+    for leaf in jax.tree.leaves(main_grads["aux"]) + jax.tree.leaves(main_grads["deep_supervision"]):
+        assert not np.any(np.asarray(leaf))
+    encoder_grads = aux_grads["main"]["encoder"]
+    assert np.any(np.asarray(encoder_grads["stem"]["conv"]["kernel"]))
+    assert np.any(np.asarray(encoder_grads["block17"]["project"]["conv"]["kernel"]))
+    decoder_grads = {name: grads for name, grads in aux_grads["main"].items() if name != "encoder"}
+    assert set(decoder_grads) == {f"{task}_decoder" for task in TASKS}
+    for leaf in jax.tree.leaves(decoder_grads):
+        assert not np.any(np.asarray(leaf))
+    assert all(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(aux_grads["aux"]))
+    # training mode updates the running statistics of main and the side modules
+    assert not np.allclose(new_batch_stats["main"]["encoder"]["stem"]["bn"]["mean"],
+                           full_variables["batch_stats"]["main"]["encoder"]["stem"]["bn"]["mean"])
+    assert not np.allclose(new_batch_stats["aux"]["depth"]["head"]["hidden"]["bn"]["var"],
+                           full_variables["batch_stats"]["aux"]["depth"]["head"]["hidden"]["bn"]["var"])
+
+
+def inference_flops(model, variables, images):
+    compiled = jax.jit(lambda v, x: model.main.apply(v, x, train=False)).lower(variables, images).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
+        cost = cost[0]
+    return cost["flops"]
+
+
+def test_main_size_and_inference_cost_do_not_depend_on_aux(full_model, full_variables, batch):
+    plain_model = build_model(model_config(), TASKS)
+    plain_variables = jax.eval_shape(plain_model.init, jax.random.key(0), batch["image"])
+    assert set(plain_variables["params"]) == {"main"}
+    assert count_parameters(plain_variables["params"]["main"]) == count_parameters(
+        full_variables["params"]["main"])
+    assert count_parameters(full_variables["params"]) > count_parameters(plain_variables["params"])
+    plain_flops = inference_flops(plain_model, main_variables(plain_variables), batch["image"])
+    full_flops = inference_flops(full_model, main_variables(full_variables), batch["image"])
+    assert plain_flops > 0
+    assert plain_flops == full_flops
+
+
+BAD_CONFIGS = [
+    ("model.encoder", dict(model=model_config(encoder="vgg16")), "'vgg16'"),
+    ("model.decoder", dict(model=model_config(decoder="fpn")), "'fpn'"),
+    ("model.dtype", dict(model=model_config(dtype="float16")), "'float16'"),
+    ("model.output_stride", dict(model=model_config(output_stride=4)), "4"),
+    ("model.width_multiplier", dict(model=model_config(width_multiplier=0)), "0"),
+    ("tasks", dict(tasks={"segmentation": 5, "edges": 1}), "'edges'"),
+    ("tasks['depth']", dict(tasks={"depth": 3}), "3"),
+    ("aux.tasks", dict(tasks={"depth": 1}, aux=aux_config(tasks=("normal",))), "'normal'"),
+    ("aux.features", dict(model=model_config(encoder="resnet50"), aux=aux_config(features=("stage1",))),
+     r"'stage1'.*sows \('stage2', 'stage3', 'stage4', 'stage5'\)"),
+    ("aux.adaptor", dict(aux=aux_config(adaptor="deform_conv3x3")), "'deform_conv3x3'"),
+    ("aux.aggregate", dict(aux=aux_config(aggregate="max")), "'max'"),
+    ("aux.channels", dict(aux=aux_config(channels=0)), "0"),
+    ("deep_supervision.tasks", dict(tasks={"depth": 1}, deep_supervision=SimpleNamespace(tasks=("segmentation",))),
+     "'segmentation'"),
+]
+
+
+@pytest.mark.parametrize("field, arguments, bad_value", BAD_CONFIGS, ids=[case[0] for case in BAD_CONFIGS])
+def test_bad_config_raises_one_clear_error(field, arguments, bad_value):
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}.*{bad_value}") as error:
+        build_model(arguments.get("model", model_config()), arguments.get("tasks", TASKS), arguments.get("aux"),
+                    arguments.get("deep_supervision"))
+    if field in ("model.encoder", "model.decoder", "aux.adaptor", "aux.aggregate"):
+        allowed = {"model.encoder": ENCODERS, "model.decoder": DECODERS, "aux.adaptor": ADAPTORS,
+                   "aux.aggregate": tuple(AGGREGATES)}[field]
+        assert all(repr(name) in str(error.value) for name in allowed)

@@ -7,6 +7,8 @@ r"""Trains and evaluates a multi-task network with auxiliary modules (flags only
 Re-running the same command on the same workdir resumes from the last checkpoint.
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,7 +25,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.INFO)
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step of their work at INFO
+    std_logging.getLogger("auxmtl_jax").setLevel(std_logging.INFO)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

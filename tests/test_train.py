@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
+from PIL import Image
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import inference
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import train
 from auxmtl_configs import synthetic_three_task
@@ -88,6 +90,26 @@ def test_auxi_run_writes_results_export_and_logs(data_dir, tmp_path):
     assert any(key.startswith("grad_aux/") and value > 0 for r in train_records for key, value in r.items())
     assert any(r["kind"] == "eval" and "depth/abs_err" in r for r in records)
     assert list((tmp_path / "tensorboard").iterdir())
+    check_inference_export(tmp_path / "inference", tmp_path, config)
+
+
+def check_inference_export(model_dir, tmp_path, config):
+    """The export predicts like the trained `main`, and the CLI writes one coloured PNG per task."""
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    predictor = inference.Predictor.load(model_dir)
+    outputs = predictor.predict(image[None])
+    assert outputs["segmentation"].shape == (1, 40, 48) and outputs["depth"].shape == (1, 40, 48, 1)
+    normalised = (image[None].astype(np.float32) - np.asarray(config.input.mean)) / np.asarray(config.input.std)
+    expected = predictor.model.predict(predictor.variables, normalised)
+    np.testing.assert_allclose(outputs["depth"], expected["depth"], rtol=1e-5, atol=1e-6)
+    inference.main(["--model", str(model_dir), "--output", str(tmp_path / "preds"), str(tmp_path / "photo.png")])
+    for task in config.tasks:
+        with Image.open(tmp_path / "preds" / f"photo_{task}.png") as written:
+            assert written.size == (48, 40) and written.mode == "RGB"
+    with pytest.raises(FileNotFoundError, match="missing.png: no such image file"):
+        inference.predict_files(str(model_dir), [str(tmp_path / "missing.png")], str(tmp_path / "preds2"))
+    assert not (tmp_path / "preds2").exists()
 
 
 def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 import pytest
+
+import builder_test_utils
 import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -87,24 +89,11 @@ def _write_tree(root, rng=None):
 
 
 def _build(config, manual_dir, data_dir):
-    builder = Sunrgbd(config=config, data_dir=os.fspath(data_dir))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-    )
-    return builder
+    return builder_test_utils.build(Sunrgbd, config, manual_dir, data_dir)
 
 
-def _records(source):
-    records = [source[i] for i in range(len(source))]
-    return {
-        record["id"].decode() if isinstance(record["id"], bytes) else record["id"]: record
-        for record in records
-    }
-
-
-def _assert_nothing_built(data_dir):
-    leftovers = sorted(p.relative_to(data_dir).as_posix() for p in pathlib.Path(data_dir).rglob("*"))
-    assert leftovers == [], f"a failed build left {leftovers}"
+_records = builder_test_utils.records_by_id
+_assert_nothing_built = builder_test_utils.assert_nothing_built
 
 
 # ---------------------------------------------------------------- real metadata

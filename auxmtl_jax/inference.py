@@ -53,10 +53,13 @@ class Predictor:
         return self.export_config["tasks"].get("segmentation")
 
     def normalise(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB [B,H,W,3] -> the float input the network was trained on."""
+        """uint8 RGB [B,H,W,3] -> the float input the network was trained on; any other dtype is refused."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images: shape {images.shape}; expected [batch, height, width, 3] RGB.")
+        if images.dtype != np.uint8:
+            raise ValueError(f"images: dtype {images.dtype}; expected uint8 RGB (0-255). Scale other ranges first, "
+                             "e.g. 16-bit as round(x * 255 / 65535).")
         mean = np.asarray(self.export_config["input"]["mean"], np.float32)
         std = np.asarray(self.export_config["input"]["std"], np.float32)
         return (images.astype(np.float32) - mean) / std
@@ -75,17 +78,36 @@ def _predict_fn(model: MultiTaskModel):
     return jax.jit(model.predict)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 RGB [H,W,3]; one clear error for a missing or unreadable file."""
+    """An image file as uint8 RGB [H,W,3]; one clear error for a missing or unreadable file.
+
+    16-bit greyscale (e.g. PNG) is scaled from 0-65535 to 0-255, not clipped; 32-bit and float images are refused.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such image file.")
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return _as_uint8_rgb(image, path)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path}: not a readable image ({error}); expected a PNG/JPEG file.") from None
+
+
+def _as_uint8_rgb(image, path) -> np.ndarray:
+    # Pillow opens 16-bit greyscale PNGs as I;16 (older versions as I); convert('RGB') would clip them at 255.
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.uint32)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise ValueError(f"{path}: a {kind} image (mode {image.mode}); expected an 8- or 16-bit RGB or greyscale "
+                         "image (PNG/JPEG).")
+    return np.asarray(image.convert("RGB"))
 
 
 def colour_outputs(outputs: dict[str, np.ndarray], num_classes: int | None) -> dict[str, np.ndarray]:

@@ -12,9 +12,13 @@ independent of the worker count.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
+import logging
 import math
 import os
+import pathlib
 import shutil
 import tempfile
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -26,6 +30,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
+log = logging.getLogger("auxmtl_jax")
 KNOWN_DATASETS = ("synthetic_scenes", "nyu_v2", "sunrgbd")
 TASKS = ("segmentation", "depth", "normal")
 IGNORE_LABEL = 255
@@ -82,10 +87,36 @@ def _created_by_build(builder) -> list:
     return missing
 
 
+BUILD_LOCK = ".build.lock"
+DOWNLOADS_PREFIX = ".downloads."
+TFDS_INCOMPLETE_PREFIX = "incomplete."
+
+
+@contextlib.contextmanager
+def _exclusive_build(config_dir: pathlib.Path):
+    """Holds an exclusive lock on a dataset config's folder and removes what killed builds left in it.
+
+    Under the lock no other build of this config runs, so TFDS `incomplete.*` folders and our `.downloads.*`
+    folders found there belong to builds that died (a SIGKILL skips every cleanup).
+    """
+    config_dir.mkdir(parents=True, exist_ok=True)
+    with open(config_dir / BUILD_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for leftover in config_dir.iterdir():
+                if leftover.is_dir() and leftover.name.startswith((TFDS_INCOMPLETE_PREFIX, DOWNLOADS_PREFIX)):
+                    log.info("removing %s, left by an interrupted build", leftover)
+                    shutil.rmtree(leftover, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare_dataset(dataset_cfg) -> None:
     """Builds the dataset if it is missing and `dataset_cfg.prepare`, else raises saying how to build it.
 
-    A failed (or interrupted) build removes everything it created.
+    A failed build removes everything it created; what a killed build left is removed by the next build.
+    Concurrent builds of one config on a local disk (several hosts or processes) take turns.
     """
     builder = get_builder(dataset_cfg)
     if builder.is_prepared():
@@ -96,17 +127,23 @@ def prepare_dataset(dataset_cfg) -> None:
             f" is not prepared under {builder.data_path}. Build it with\n  {build_command(dataset_cfg)}\n"
             f"or set dataset.prepare=True to build it on first use.")
     created = _created_by_build(builder)
-    download_dir = tempfile.mkdtemp(prefix=f"{dataset_cfg.name}_downloads_")
-    download_config = tfds.download.DownloadConfig(manual_dir=dataset_cfg.manual_dir)
+    config_dir = pathlib.Path(os.fspath(builder.data_path)).parent
     try:
-        builder.download_and_prepare(file_format="array_record", download_dir=download_dir,
-                                     download_config=download_config)
+        with _exclusive_build(config_dir):
+            builder = get_builder(dataset_cfg)
+            if builder.is_prepared():  # another process built it while we waited for the lock
+                return
+            download_dir = pathlib.Path(tempfile.mkdtemp(prefix=DOWNLOADS_PREFIX, dir=config_dir))
+            try:
+                builder.download_and_prepare(
+                    file_format="array_record", download_dir=os.fspath(download_dir),
+                    download_config=tfds.download.DownloadConfig(manual_dir=dataset_cfg.manual_dir))
+            finally:
+                shutil.rmtree(download_dir, ignore_errors=True)
     except BaseException:
         for path in created:
             shutil.rmtree(path, ignore_errors=True)
         raise
-    finally:
-        shutil.rmtree(download_dir, ignore_errors=True)
 
 
 def dataset_info(dataset_cfg) -> DatasetInfo:

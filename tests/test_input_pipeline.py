@@ -1,6 +1,10 @@
 """Tests for the grain input pipeline on the `tiny` synthetic_scenes build (48x64, 24 train / 8 test)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -221,3 +225,46 @@ def test_missing_task_split_and_dataset_errors(dataset_cfg):
         input_pipeline.get_builder(unknown)
     info = input_pipeline.dataset_info(dataset_cfg)
     assert info.splits == {"train": 24, "test": 8} and info.image_size == (48, 64) and info.num_classes == 7
+
+
+_BUILD_KILLED_MIDWAY = """
+import os, signal, sys
+from auxmtl_datasets.synthetic_scenes import builder
+from auxmtl_jax import input_pipeline
+import ml_collections
+
+render = builder._render_record
+
+
+def render_then_die(index, **kwargs):
+    if kwargs["split"] == "test" and index == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+    return render(index, **kwargs)
+
+
+builder._render_record = render_then_die
+cfg = ml_collections.ConfigDict(dict(name="synthetic_scenes", config="tiny", manual_dir=None, data_dir=sys.argv[1],
+                                     prepare=True, train_split="train", eval_split="test"))
+input_pipeline.prepare_dataset(cfg)
+"""
+
+
+def _leftovers(data_dir):
+    return sorted(path.name for path in data_dir.rglob("*")
+                  if path.name.startswith((input_pipeline.TFDS_INCOMPLETE_PREFIX, input_pipeline.DOWNLOADS_PREFIX)))
+
+
+def test_next_build_removes_what_a_killed_build_left(tmp_path):
+    data_dir = tmp_path / "tfds"
+    killed = subprocess.run([sys.executable, "-c", _BUILD_KILLED_MIDWAY, str(data_dir)], capture_output=True,
+                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert any(name.startswith(input_pipeline.TFDS_INCOMPLETE_PREFIX) for name in _leftovers(data_dir))
+    assert any(name.startswith(input_pipeline.DOWNLOADS_PREFIX) for name in _leftovers(data_dir))
+
+    cfg = ml_collections.ConfigDict(dict(name="synthetic_scenes", config="tiny", manual_dir=None,
+                                         data_dir=str(data_dir), prepare=True, train_split="train",
+                                         eval_split="test"))
+    input_pipeline.prepare_dataset(cfg)
+    assert input_pipeline.dataset_info(cfg).splits == {"train": 24, "test": 8}
+    assert _leftovers(data_dir) == []

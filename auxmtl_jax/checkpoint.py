@@ -1,15 +1,17 @@
 """Checkpoints, workdir bookkeeping and the inference export.
 
-- `Checkpointer`: orbax, asynchronous, keep-last-N; saves the train state and the data-iterator state together,
-  so re-running the same command on the same workdir resumes exactly.
+- `Checkpointer`: orbax, asynchronous, keep-last-N; saves the train state and every process's data-iterator
+  state together, so re-running the same command on the same workdir resumes exactly, on one host or several.
 - `check_workdir_config`: a workdir remembers its config (config.json); resuming with a different one fails with
-  the list of differing keys instead of silently mixing runs.
+  the list of differing keys and the two ways on, unless `accept_changed_keys` names them (the change is then
+  recorded in config.json under `config_changes`).
 - `load_prior_params`: the `main` subtree of another run's latest checkpoint, for the paper's Prior strategy.
 - `export_inference`: WORKDIR/inference/ = `main` params + batch_stats + model config, nothing train-only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,42 +30,105 @@ INFERENCE_DIR = "inference"
 INFERENCE_VARIABLES = "main_variables.msgpack"
 INFERENCE_CONFIG = "model.json"
 
-# Config keys that may change between a run and its resumption (they do not change the result).
+CONFIG_CHANGES_KEY = "config_changes"
+DATA_ITEM = "input_iterators"
+
+# Config keys that may change between a run and its resumption: they do not change the trained weights
+# (`num_devices` changes them only by float rounding, see README "Data parallelism"), or only what is reported.
 RESUMABLE_KEYS = (
     "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
     "input.num_workers", "dataset.data_dir", "dataset.manual_dir", "dataset.prepare", "analysis.figures",
-    "distributed.", "runs", "num_devices",
+    "distributed.", "runs", "num_devices", "reference_results", "accept_changed_keys", CONFIG_CHANGES_KEY,
 )
 
 
-class Checkpointer:
-    """Saves and restores `{'state': train state, 'data': iterator state}` under WORKDIR/checkpoints."""
+def _process_file_name(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"
 
-    def __init__(self, workdir: epath.Path, *, max_to_keep: int):
+
+class ProcessLocalJsonHandler(ocp.CheckpointHandler):
+    """Every process saves and restores its own JSON document (`process_<i>-of-<n>.json`).
+
+    Input iterators are per host: each host reads its own shard, so each host's position must be kept.
+    """
+
+    def save(self, directory: epath.Path, args: "ProcessLocalJsonSave") -> None:
+        path = epath.Path(directory) / _process_file_name(jax.process_index(), jax.process_count())
+        path.write_text(json.dumps(args.item, sort_keys=True))
+
+    def restore(self, directory: epath.Path, args: "ProcessLocalJsonRestore | None" = None) -> Any:
+        directory = epath.Path(directory)
+        path = directory / _process_file_name(jax.process_index(), jax.process_count())
+        if not path.exists():
+            written = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+            raise ValueError(f"{path} does not exist: this checkpoint holds input states {written}, but this run "
+                             f"has {jax.process_count()} process(es). Resume with the process count it was "
+                             "saved with.")
+        return json.loads(path.read_text())
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(ProcessLocalJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessLocalJsonSave(ocp.args.CheckpointArgs):
+    item: Mapping[str, Any]
+
+
+@ocp.args.register_with_handler(ProcessLocalJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessLocalJsonRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class Checkpointer:
+    """Saves and restores the train state and each process's input-iterator state under WORKDIR/checkpoints."""
+
+    def __init__(self, workdir: epath.Path, *, max_to_keep: int | None = None, read_only: bool = False):
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
-        self._manager = ocp.CheckpointManager(
-            self.directory.resolve(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=True),
-        )
+        if read_only and not self.directory.exists():
+            raise FileNotFoundError(f"{self.directory} does not exist; expected the workdir of a run.")
+        options = (ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                enable_async_checkpointing=True))
+        self._manager = ocp.CheckpointManager(self.directory.resolve(), options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def checked_step(self, step: int | None) -> int:
+        """`step` (the latest when None), or one error listing the steps this workdir holds."""
+        steps = sorted(self._manager.all_steps())
+        if not steps:
+            raise ValueError(f"{self.directory} holds no checkpoint.")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise ValueError(f"{self.directory} has no checkpoint of step {step}; it holds steps {steps}.")
+        return int(step)
+
     def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
+        """Saves `state` (global arrays) and this process's `data_state`; every process must call it."""
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))))
+            state=ocp.args.StandardSave(state), **{DATA_ITEM: ProcessLocalJsonSave(dict(data_state))}))
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
-        """Restores onto the structure, shapes and shardings of `target_state`."""
+        """Restores onto the structure, shapes and shardings of `target_state` (global shardings on a mesh).
+
+        Returns the state and this process's input-iterator state.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(abstract), **{DATA_ITEM: ProcessLocalJsonRestore()}))
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"Checkpoint {self.directory}/{step} does not match this config's model/optimizer "
-                             f"state ({error}). Use a fresh --workdir for a different setup.") from error
-        return restored["state"], restored["data"]
+            raise ValueError(f"Checkpoint {self.directory}/{step} does not match this run's model/optimizer "
+                             f"state or process count ({error}). Use a fresh --workdir for a different setup.") from error
+        return restored["state"], restored[DATA_ITEM]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -78,7 +143,7 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     flat = {}
     for key, value in config.items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and key != "runs" and key != "reference_results":
+        if isinstance(value, Mapping) and key not in ("runs", "reference_results"):
             flat.update(flatten_config(value, path + "."))
         else:
             flat[path] = json.loads(json.dumps(value, default=_jsonable))
@@ -98,24 +163,62 @@ def config_to_json(config) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=_jsonable)
 
 
-def check_workdir_config(workdir: epath.Path, config) -> None:
-    """Records the config in a fresh workdir; in one with checkpoints, requires the same config."""
+def check_workdir_config(workdir: epath.Path, config, *, resume_step: int | None = None) -> None:
+    """Records the config in a fresh workdir; in one with checkpoints, requires the same config.
+
+    Keys listed in `config.accept_changed_keys` (comma-separated dotted keys or `prefix.` groups) may differ:
+    the run continues from its last checkpoint with the new values, and config.json records the change
+    (`config_changes`: step, key, old and new value) next to the new config.
+    """
     workdir = epath.Path(workdir)
     path = workdir / CONFIG_FILE
     current = json.loads(config_to_json(config))
     has_checkpoints = (workdir / CHECKPOINT_DIR).exists() and any((workdir / CHECKPOINT_DIR).iterdir())
+    accepted = parse_accepted_keys(config.get("accept_changed_keys"), flatten_config(current))
+    history = []
     if path.exists() and has_checkpoints:
         try:
             saved = json.loads(path.read_text())
         except ValueError as error:
             raise ValueError(f"{path} is not valid JSON ({error}); expected the config of the run in this workdir.")
+        history = list(saved.get(CONFIG_CHANGES_KEY, []))
         differing = _differing_keys(flatten_config(saved), flatten_config(current))
+        refused = [item for item in differing if not _is_accepted(item[0], accepted)]
+        if refused:
+            raise ValueError(_refusal_message(workdir, refused, resume_step))
         if differing:
-            details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing[:12])
-            raise ValueError(f"Workdir {workdir} holds checkpoints of a run with another config ({details}). "
-                             "Resume with the same config, or use a fresh --workdir.")
+            history.append({"step": resume_step, "changes": {key: [old, new] for key, old, new in differing}})
+    if history:
+        current[CONFIG_CHANGES_KEY] = history
     if jax.process_index() == 0:
-        _write_text_atomic(path, config_to_json(config))
+        _write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+def parse_accepted_keys(text: str | None, config_keys: Mapping[str, Any]) -> tuple[str, ...]:
+    """'optimizer.learning_rate, aux.' -> ('optimizer.learning_rate', 'aux.'); each must name config keys."""
+    accepted = tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    for key in accepted:
+        if not any(_is_accepted(config_key, (key,)) for config_key in config_keys):
+            raise ValueError(f"config.accept_changed_keys names {key!r}, which is no config key; expected "
+                             "comma-separated dotted keys such as 'optimizer.learning_rate' or groups such as "
+                             "'optimizer.'.")
+    return accepted
+
+
+def _is_accepted(key: str, accepted: tuple[str, ...]) -> bool:
+    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in accepted)
+
+
+def _refusal_message(workdir: epath.Path, differing: list[tuple[str, Any, Any]], resume_step: int | None) -> str:
+    details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing[:12])
+    keys = ",".join(key for key, _, _ in differing)
+    where = f"its last checkpoint (step {resume_step})" if resume_step else "its last checkpoint"
+    return (f"Workdir {workdir} holds checkpoints of a run with another config ({details}). Either\n"
+            f"  - continue that run from {where} with the new values: add --config.accept_changed_keys={keys} "
+            f"(the change is recorded in {workdir / CONFIG_FILE}), or\n"
+            f"  - start a new run initialised from it: --workdir=NEW_WORKDIR --config.init_from.path={workdir} "
+            "--config.init_from.scope=main, or\n"
+            "  - resume with the config it was started with.")
 
 
 def _differing_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:

@@ -6,8 +6,6 @@ host feeds its own share of the global batch.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -64,7 +62,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for key, value in local_batch.items()}
 
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a pytree of host values on every device of the mesh."""
-    return jax.device_put(tree, replicated_sharding(mesh))

@@ -3,6 +3,7 @@
 `train_and_evaluate(config, workdir)` is what `run.py` calls. A config with `runs` (a sweep such as the demo's
 Joint vs Auxi-all) trains each run in WORKDIR/<name> and then prints and writes their comparison table.
 Re-running the same command on the same workdir resumes every unfinished run from its last checkpoint.
+`evaluate_checkpoint(config, workdir, step)` evaluates any kept checkpoint of a run on the test split.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.sharding import Mesh
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import input_pipeline
@@ -38,8 +40,8 @@ RESULTS_TABLE = "results.txt"
 COMPARISON_TABLE = "comparison.txt"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/Inf loss; the last checkpoint (if any) is still the last good one."""
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN/Inf loss or train state; nothing non-finite was saved, so the last checkpoint is good."""
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -194,12 +196,28 @@ def main_variables(state: TrainState) -> dict:
     return {"params": state.params["main"], "batch_stats": state.batch_stats.get("main", {})}
 
 
-def evaluate(eval_fn: Callable, state: TrainState, eval_data, initial_metric_state, mesh) -> dict:
-    metric_state = initial_metric_state
-    variables = main_variables(state)
-    for local_batch in eval_data:
-        metric_state = eval_fn(variables, metric_state, parallel.global_batch(local_batch, mesh))
-    return metrics_lib.compute(metric_state)
+class Evaluator:
+    """Streams the whole test split through `main` of a train state into on-device metrics; callable repeatedly."""
+
+    def __init__(self, config, model: MultiTaskModel, dataset: input_pipeline.DatasetInfo, mesh: Mesh):
+        self.mesh = mesh
+        replicated = parallel.replicated_sharding(mesh)
+        self.data = input_pipeline.create_eval_dataset(config.dataset, config.input, tasks=tuple(config.tasks),
+                                                       global_batch_size=config.eval_batch_size)
+        # The step donates its metric state, so every evaluation starts from newly made zeros.
+        self._new_metric_state = jax.jit(
+            functools.partial(metrics_lib.init_state, tuple(config.tasks), dataset.num_classes),
+            out_shardings=replicated)
+        self._eval_step = jax.jit(functools.partial(eval_step, model=model),
+                                  in_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
+                                  out_shardings=replicated, donate_argnums=1)
+
+    def __call__(self, state: TrainState) -> dict:
+        metric_state = self._new_metric_state()
+        variables = main_variables(state)
+        for local_batch in self.data:
+            metric_state = self._eval_step(variables, metric_state, parallel.global_batch(local_batch, self.mesh))
+        return metrics_lib.compute(metric_state)
 
 
 def reference_results(config) -> dict | None:
@@ -241,6 +259,31 @@ def first_non_finite(window: list[tuple[int, dict]]) -> tuple[int, str] | None:
         for key, value in values.items():
             if "loss" in key and not math.isfinite(float(value)):
                 return step, key
+    return None
+
+
+def _is_float(leaf) -> bool:
+    return jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if _is_float(leaf)]))
+
+
+@jax.jit
+def _finite_per_leaf(tree):
+    return jax.tree.map(lambda leaf: jnp.all(jnp.isfinite(leaf)) if _is_float(leaf) else jnp.asarray(True), tree)
+
+
+def first_non_finite_leaf(tree) -> str | None:
+    """Path ('params/main/encoder/...') of the first leaf holding a NaN/Inf, or None; one reduced flag when clean."""
+    if bool(jax.device_get(_all_finite(tree))):
+        return None
+    flags, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(_finite_per_leaf(tree)))
+    for path, finite in flags:
+        if not finite:
+            return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
     return None
 
 
@@ -320,16 +363,13 @@ def _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding):
         functools.partial(train_step, model=model, config=config, tx=tx, learning_rate_fn=learning_rate_fn),
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
         donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(replicated, replicated, batch_sharding), out_shardings=replicated,
-                      donate_argnums=1)
     grad_fn = jax.jit(functools.partial(gradient_statistics, model=model, config=config),
                       in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=replicated)
-    return step_fn, eval_fn, grad_fn
+    return step_fn, grad_fn
 
 
-def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
-    """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results."""
+def prepare_run(config) -> tuple[input_pipeline.DatasetInfo, MultiTaskModel, Mesh]:
+    """Checks the config against the (prepared) dataset and the devices; returns dataset info, model and mesh."""
     validate_config(config)
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
@@ -340,40 +380,52 @@ def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict
     mesh = parallel.create_mesh(config.get("num_devices"))
     parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
     parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    return dataset, model, mesh
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint_lib.check_workdir_config(workdir, config)
+
+def create_sharded_train_state(config, model: MultiTaskModel, mesh: Mesh):
+    """A fresh train state placed (replicated) on the mesh, its sharding, the optimiser and the lr schedule.
+
+    Checkpoints restore onto this state's global shardings, so every process gets its part of the mesh.
+    """
     learning_rate_fn = create_learning_rate_fn(config.optimizer, config.num_train_steps)
-    rng = jax.random.key(config.seed)
-    state, tx = create_train_state(config, model, rng, (*config.input.crop_size, 3), learning_rate_fn)
+    state, tx = create_train_state(config, model, jax.random.key(config.seed), (*config.input.crop_size, 3),
+                                   learning_rate_fn)
     state_sharding = jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
-    train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
-                                                      global_batch_size=config.batch_size, seed=config.seed)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state, data_state = checkpointer.restore(start_step, state)
-        train_iter.set_state(data_state)
-        log.info("resumed %s from step %d", workdir, start_step)
-    state = jax.device_put(state, state_sharding)
-    writer = reporting.MetricWriter(workdir)
-    writer.truncate_after(start_step)
-    if start_step == 0 and jax.process_index() == 0:
-        log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
+    return jax.device_put(state, state_sharding), state_sharding, tx, learning_rate_fn
 
-    step_fn, eval_fn, grad_fn = _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding)
-    eval_data = input_pipeline.create_eval_dataset(config.dataset, config.input, tasks=tuple(config.tasks),
-                                                   global_batch_size=config.eval_batch_size)
-    initial_metric_state = parallel.replicate(metrics_lib.init_state(config.tasks, dataset.num_classes), mesh)
-    coordinates = _gradient_coordinates(config, state)
-    loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter)
+
+def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+    """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results."""
+    dataset, model, mesh = prepare_run(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
+    writer = None
     try:
+        start_step = checkpointer.latest_step() or 0
+        checkpoint_lib.check_workdir_config(workdir, config, resume_step=start_step)
+        state, state_sharding, tx, learning_rate_fn = create_sharded_train_state(config, model, mesh)
+        train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
+                                                          global_batch_size=config.batch_size, seed=config.seed)
+        if start_step:
+            state, data_state = checkpointer.restore(start_step, state)
+            train_iter.set_state(data_state)
+            log.info("resumed %s from step %d", workdir, start_step)
+        writer = reporting.MetricWriter(workdir)
+        writer.truncate_after(start_step)
+        if start_step == 0 and jax.process_index() == 0:
+            log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
+
+        step_fn, grad_fn = _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding)
+        evaluator = Evaluator(config, model, dataset, mesh)
+        coordinates = _gradient_coordinates(config, state)
+        loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter)
         with jax.set_mesh(mesh):
-            state = loop.run(state, start_step, step_fn, grad_fn, coordinates,
-                             lambda s: evaluate(eval_fn, s, eval_data, initial_metric_state, mesh))
+            state = loop.run(state, start_step, step_fn, grad_fn, coordinates, evaluator)
     finally:
         checkpointer.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     results = loop.final_results
     record = write_results(workdir, config.name, config.num_train_steps, results, reference_results(config))
     if jax.process_index() == 0:
@@ -381,8 +433,26 @@ def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict
         print(f"\n{config.name} (step {config.num_train_steps}):\n"
               f"{metrics_lib.format_table({config.name: results}, reference_results(config))}", flush=True)
         if config.analysis.figures:
-            _write_prediction_figure(config, workdir, model, state, eval_data, dataset)
+            _write_prediction_figure(config, workdir, model, state, evaluator.data, dataset)
     return record
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+    """Test-split metrics {task: {metric: value}} of checkpoint `step` of a run (its latest when None).
+
+    `config` is the run's config. Nothing is written to the workdir.
+    """
+    parallel.initialize_distributed(config.distributed)
+    dataset, model, mesh = prepare_run(config)
+    checkpointer = checkpoint_lib.Checkpointer(epath.Path(workdir), read_only=True)
+    try:
+        step = checkpointer.checked_step(step)
+        state, _, _, _ = create_sharded_train_state(config, model, mesh)
+        state, _ = checkpointer.restore(step, state)
+    finally:
+        checkpointer.close()
+    with jax.set_mesh(mesh):
+        return Evaluator(config, model, dataset, mesh)(state)
 
 
 def _gradient_coordinates(config, state: TrainState):
@@ -421,7 +491,7 @@ class _TrainLoop:
     def _due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.config.num_train_steps
 
-    def run(self, state, start_step, step_fn, grad_fn, coordinates, evaluate_fn):
+    def run(self, state, start_step, step_fn, grad_fn, coordinates, evaluate_fn: Callable[[TrainState], dict]):
         config = self.config
         progress = reporting.Progress(total=config.num_train_steps, initial=start_step,
                                       batch_size=config.batch_size, enabled=config.progress_bar)
@@ -439,6 +509,7 @@ class _TrainLoop:
                     self._log(done, progress, extra)
                 if self._due(done, config.checkpoint_every_steps):
                     self._check_finite()
+                    self._check_state_finite(done, state)
                     self.checkpointer.save(done, state, self.train_iter.get_state())
                 if self._due(done, config.eval_every_steps):
                     results = evaluate_fn(state)
@@ -456,11 +527,23 @@ class _TrainLoop:
         bad = first_non_finite(host)
         if bad is not None:
             step, key = bad
-            last = self.checkpointer.latest_step()
-            kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
-            raise NonFiniteLossError(f"{key} became non-finite at step {step} of {self.workdir}; training stopped "
-                                     f"and {kept}. Lower optimizer.learning_rate or check the data.")
+            raise NonFiniteError(self._non_finite_message(f"{key} became non-finite at step {step}"))
         self.window = host
+
+    def _check_state_finite(self, step: int, state: TrainState) -> None:
+        """Never saves a checkpoint holding NaN/Inf parameters or optimiser state."""
+        leaf = first_non_finite_leaf(state)
+        if leaf is not None:
+            raise NonFiniteError(self._non_finite_message(
+                f"the train state became non-finite by step {step} (first non-finite leaf: {leaf}); it was not saved"))
+
+    def _non_finite_message(self, what: str) -> str:
+        self.checkpointer.wait()
+        last = self.checkpointer.latest_step()
+        kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
+        return (f"{what} in {self.workdir}; training stopped and {kept}. Lower optimizer.learning_rate (or check "
+                f"the data) and continue from that checkpoint by re-running with "
+                f"--config.optimizer.learning_rate=NEW_LR --config.accept_changed_keys=optimizer.learning_rate.")
 
     def _log(self, step: int, progress: reporting.Progress, extra: Mapping[str, Any]) -> None:
         self._check_finite()

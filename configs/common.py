@@ -116,8 +116,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Single-task reference results for Δm%: {task: {metric: value}}, or a path to a results.json.
     config.reference_results = ml_collections.config_dict.placeholder(object)
 
-    # Devices of the data mesh (None: all). Results do not depend on it, so a run may resume with another count.
+    # Devices of the data mesh (None: all). The device count changes results only by float rounding (see README,
+    # "Data parallelism"), so a run may resume with another count.
     config.num_devices = ml_collections.config_dict.placeholder(int)
+
+    # Resuming a workdir whose config differs in these keys (comma-separated, 'group.' for a whole group) continues
+    # from its last checkpoint with the new values and records the change in WORKDIR/config.json.
+    config.accept_changed_keys = ""
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)

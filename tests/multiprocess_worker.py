@@ -1,0 +1,80 @@
+"""One process of a 2-device-per-process training run on 127.0.0.1, started by test_multiprocess.py.
+
+  python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR [KILL_AT_BATCH]
+
+With KILL_AT_BATCH the process SIGKILLs itself when it asks for that training batch (no cleanup runs, as with
+`kill -9`); every process of the run is given the same value, so they all die at the same point.
+"""
+
+import os
+import signal
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+                           "--xla_llvm_disable_expensive_passes=true")
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+jax.config.update("jax_threefry_partitionable", True)
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "AUXMTL_TEST_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "auxmtl_jax_test_compilation_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from auxmtl_configs import synthetic_three_task  # noqa: E402
+from auxmtl_jax import input_pipeline, train  # noqa: E402
+
+NUM_TRAIN_STEPS = 6
+
+
+class KillSelfAt:
+    """A train iterator that SIGKILLs its process when batch `kill_at` (1-based) is requested."""
+
+    def __init__(self, iterator, kill_at):
+        self.iterator, self.kill_at, self.served = iterator, kill_at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.served + 1 == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.served += 1
+        return next(self.iterator)
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+
+def worker_config(process_id: int, num_processes: int, port: int, data_dir: str):
+    config = synthetic_three_task.get_config("runlocal,strategy=auxi_all")
+    config.dataset.data_dir = data_dir
+    config.dataset.prepare = False
+    config.analysis.grad_log_every_steps = 0
+    config.analysis.figures = False
+    config.num_train_steps = NUM_TRAIN_STEPS
+    config.log_every_steps = config.checkpoint_every_steps = 2
+    config.eval_every_steps = 3
+    config.batch_size = config.eval_batch_size = 4
+    config.distributed.coordinator_address = f"127.0.0.1:{port}"
+    config.distributed.num_processes = num_processes
+    config.distributed.process_id = process_id
+    return config
+
+
+def main(argv):
+    process_id, num_processes, port = map(int, argv[1:4])
+    data_dir, workdir = argv[4], argv[5]
+    kill_at = int(argv[6]) if len(argv) > 6 else 0
+    if kill_at:
+        create = input_pipeline.create_train_iterator
+        input_pipeline.create_train_iterator = lambda *a, **k: KillSelfAt(create(*a, **k), kill_at)
+    train.train_and_evaluate(worker_config(process_id, num_processes, port, data_dir), workdir)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -103,10 +103,24 @@ def create_model(config, num_classes: int | None) -> MultiTaskModel:
                        deep_supervision_cfg=config.deep_supervision)
 
 
-def create_train_state(config, model: MultiTaskModel, rng: jax.Array, image_shape,
+# Parameters (shapes and values) do not depend on the image size, so they are made from a small image: an
+# encoder of stride 32 still sees 2x2 at its deepest stage.
+INIT_IMAGE_SIZE = 64
+# The jitted init keeps only the random initialisers (XLA drops the unused forward pass) and runs once, so its
+# compile time is all that counts: unoptimised code compiles about twice as fast.
+_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def init_variables(model: MultiTaskModel, rng: jax.Array) -> dict:
+    """All variables of `model` (main, aux, deep supervision) in one jitted `init` on a small image."""
+    init = jax.jit(model.init, compiler_options=_INIT_COMPILER_OPTIONS)
+    return init(rng, jnp.zeros((1, INIT_IMAGE_SIZE, INIT_IMAGE_SIZE, 3), jnp.float32))
+
+
+def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
                        learning_rate_fn: optax.Schedule) -> tuple[TrainState, optax.GradientTransformation]:
     """Fresh variables (with `init_from` / `model.encoder_init` merged in) and optimiser state."""
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
+    variables = init_variables(model, rng)
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
     params, batch_stats = _load_initialisations(config, params, batch_stats)
@@ -389,8 +403,7 @@ def create_sharded_train_state(config, model: MultiTaskModel, mesh: Mesh):
     Checkpoints restore onto this state's global shardings, so every process gets its part of the mesh.
     """
     learning_rate_fn = create_learning_rate_fn(config.optimizer, config.num_train_steps)
-    state, tx = create_train_state(config, model, jax.random.key(config.seed), (*config.input.crop_size, 3),
-                                   learning_rate_fn)
+    state, tx = create_train_state(config, model, jax.random.key(config.seed), learning_rate_fn)
     state_sharding = jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
     return jax.device_put(state, state_sharding), state_sharding, tx, learning_rate_fn
 

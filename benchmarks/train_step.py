@@ -1,29 +1,44 @@
-r"""Compile time and train-step throughput (images/s) of a config's network on random data.
+r"""Train-step cost of a config's network under several strategies, on random data.
 
-No dataset needed: batches are random tensors with the config's crop size and task layouts.
+For each strategy: train-state creation time (jitted init), compile time, XLA's FLOP count per step, and step
+time / images/s. Steps are timed in interleaved blocks (strategy A, B, A, B, ...) and the median block is
+reported, so the ratios hold on a noisy shared machine. No dataset is needed.
 
-  python benchmarks/train_step.py --config=configs/synthetic_three_task.py:strategy=auxi_all
-  python benchmarks/train_step.py --config=configs/sunrgbd_three_task.py --num_classes=13 --steps=20
+  # the paper net (MobileNetV2 U-shape, 3 tasks, 385x385, batch 12): Joint vs Auxi-all
+  python benchmarks/train_step.py --config=configs/sunrgbd_three_task.py --strategies=joint,auxi_all
+  # the same in bfloat16, and with the aux modules aggregating at the finest stage
+  python benchmarks/train_step.py --config=configs/sunrgbd_three_task.py:dtype=bfloat16
+  python benchmarks/train_step.py --config=configs/sunrgbd_three_task.py --config.aux.resolution=finest
+  # a quick look on a laptop
+  python benchmarks/train_step.py --config=configs/synthetic_three_task.py --blocks=3
 """
 
+from __future__ import annotations
+
+import copy
 import functools
+import statistics
 import time
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from auxmtl_configs import common
 from auxmtl_jax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with optional ':variant'.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["joint", "auxi_all"], "Strategies to compare (config variants).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 13, "Segmentation classes of the benchmarked head.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Steps per timed block.")
+_BLOCKS = flags.DEFINE_integer("blocks", 3, "Timed blocks per strategy (interleaved).")
 flags.mark_flag_as_required("config")
 
 
 def random_batch(config, num_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A global batch with the config's crop size and the layouts of its tasks (ARCHITECTURE.md batch contract)."""
     height, width = config.input.crop_size
     batch = {"image": rng.standard_normal((config.batch_size, height, width, 3), dtype=np.float32)}
     if "segmentation" in config.tasks:
@@ -36,37 +51,73 @@ def random_batch(config, num_classes: int, rng: np.random.Generator) -> dict[str
     return batch
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
-    model = train.create_model(config, _NUM_CLASSES.value)
+class Prepared(NamedTuple):
+    name: str
+    step: Any
+    state: Any
+    batch: Any
+    init_seconds: float
+    compile_seconds: float
+    flops: float
+
+
+def prepare(config, strategy: str, num_classes: int) -> Prepared:
+    """Creates the train state and compiles the real training step (`train.train_step`) for one strategy."""
+    config = common.apply_strategy(copy.deepcopy(config), strategy)
+    model = train.create_model(config, num_classes)
     mesh = parallel.create_mesh(config.get("num_devices"))
-    lr_fn = train.create_learning_rate_fn(config.optimizer, config.num_train_steps)
-    state, tx = train.create_train_state(config, model, jax.random.key(0), (*config.input.crop_size, 3), lr_fn)
-    state_sharding = jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
-    state = jax.device_put(state, state_sharding)
+    start = time.perf_counter()
+    state, state_sharding, tx, lr_fn = train.create_sharded_train_state(config, model, mesh)
+    jax.block_until_ready(state)
+    init_seconds = time.perf_counter() - start
     step_fn = jax.jit(functools.partial(train.train_step, model=model, config=config, tx=tx, learning_rate_fn=lr_fn),
                       in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                       out_shardings=(state_sharding, parallel.replicated_sharding(mesh)), donate_argnums=0)
-    batch = parallel.global_batch(random_batch(config, _NUM_CLASSES.value, np.random.default_rng(0)), mesh)
-
+    batch = parallel.global_batch(random_batch(config, num_classes, np.random.default_rng(0)), mesh)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
-    state, metrics = compiled(state, batch)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
+    return Prepared(strategy, compiled, state, batch, init_seconds, compile_seconds, float(cost.get("flops", np.nan)))
+
+
+def time_block(prepared: Prepared, steps: int) -> tuple[Prepared, float]:
+    """Seconds per step over `steps` steps; returns the advanced state too (the step donates it)."""
+    state = prepared.state
     start = time.perf_counter()
-    for _ in range(_STEPS.value):
-        state, metrics = compiled(state, batch)
+    for _ in range(steps):
+        state, metrics = prepared.step(state, prepared.batch)
     jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
-    params = sum(x.size for x in jax.tree.leaves(state.params["main"]))
-    print(f"device: {jax.devices()[0].device_kind} x{mesh.size}  config: {config.name}  "
+    return prepared._replace(state=state), (time.perf_counter() - start) / steps
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    runs = [prepare(config, strategy, _NUM_CLASSES.value) for strategy in _STRATEGIES.value]
+    seconds = {run.name: [] for run in runs}
+    for _ in range(_BLOCKS.value):
+        for index, run in enumerate(runs):
+            runs[index], per_step = time_block(run, _STEPS.value)
+            seconds[run.name].append(per_step)
+
+    first = runs[0]
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}  "
           f"encoder={config.model.encoder} decoder={config.model.decoder} width={config.model.width_multiplier} "
-          f"tasks={','.join(config.tasks)} aux={','.join(config.aux.tasks) or '-'} dtype={config.model.dtype}")
-    print(f"batch {config.batch_size} x {tuple(config.input.crop_size)}  main params {params / 1e6:.2f}M")
-    print(f"compile {compile_seconds:.1f} s   step {1000 * seconds / _STEPS.value:.1f} ms   "
-          f"{_STEPS.value * config.batch_size / seconds:.1f} images/s   loss {float(metrics['loss/total']):.4f}")
+          f"dtype={config.model.dtype} aux.resolution={config.aux.resolution}  "
+          f"batch {config.batch_size} x {tuple(config.input.crop_size)}  "
+          f"{_BLOCKS.value} blocks of {_STEPS.value} steps")
+    print("| strategy | init s | compile s | GFLOP/step | FLOPs vs first | step ms | images/s | time vs first |")
+    print("|---|---|---|---|---|---|---|---|")
+    first_step = statistics.median(seconds[first.name])
+    for run in runs:
+        step = statistics.median(seconds[run.name])
+        print(f"| {run.name} | {run.init_seconds:.1f} | {run.compile_seconds:.1f} | {run.flops / 1e9:.1f} | "
+              f"{run.flops / first.flops:.3f}x | {1000 * step:.0f} | {config.batch_size / step:.1f} | "
+              f"{step / first_step:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ VARIANT_KEYS = {
     "dtype": "model.dtype",
     "adaptor": "aux.adaptor",
     "aggregate": "aux.aggregate",
+    "aux_resolution": "aux.resolution",
+    "aux_features": "aux.features",
     "steps": "num_train_steps",
     "batch": "batch_size",
     "seed": "seed",
@@ -78,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.aux.features = ()
     config.aux.adaptor = "conv1x1"
     config.aux.aggregate = "concat"
+    # 'hierarchy': aggregate at each stage's own resolution, head at the deepest stage (cheap, paper Fig. 1b);
+    # 'finest': upsample every adapted stage to the finest selected one and aggregate and predict there.
+    config.aux.resolution = "hierarchy"
     config.aux.channels = 64
     config.aux.weight = 1.0
 
@@ -216,6 +221,8 @@ def _convert(text: str, current, path: str):
             return text.lower() == "true"
         if kind in (int, float):
             return kind(text)
+        if kind is tuple:  # stage lists: 'stage2+stage3'; 'all' for every stage
+            return () if text == "all" else tuple(text.split("+"))
         if current is None:
             for candidate in (int, float):
                 try:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from auxmtl_jax import tasks as task_lib
-from auxmtl_jax.models import (ADAPTORS, AGGREGATES, DECODERS, ENCODERS, OPERATIONS, ModelOutputs, build_model,
-                               encoder_stages)
+from auxmtl_jax.models import (ADAPTORS, AGGREGATES, DECODERS, ENCODERS, OPERATIONS, RESOLUTIONS, ModelOutputs,
+                               build_model, encoder_stages)
+from auxmtl_jax.models.auxiliary import downsample_to
 
 TASKS = {"segmentation": 5, "depth": 1, "normal": 3}
 IMAGE_SHAPE = (2, 32, 32, 3)
@@ -28,6 +29,10 @@ def aux_config(**overrides):
     fields = dict(tasks=tuple(TASKS), features=(), adaptor="conv1x1", aggregate="concat", channels=8)
     fields.update(overrides)
     return SimpleNamespace(**fields)
+
+
+# Aux modules' share of the train step's FLOPs (ARCHITECTURE.md: about 10% of the main network's at most).
+AUX_FLOP_SHARE_BOUND = 0.10
 
 
 def count_parameters(tree):
@@ -159,7 +164,12 @@ def test_apply_ignores_extra_top_level_params(full_model, full_variables, batch)
     assert set(outputs.aux) == set(TASKS)
 
 
-def test_gradients_keep_aux_and_main_paths_apart(full_model, full_variables, batch):
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+def test_gradients_keep_aux_and_main_paths_apart(resolution, batch):
+    full_model = build_model(model_config(), TASKS, aux_config(resolution=resolution),
+                             SimpleNamespace(tasks=("depth",)))
+    full_variables = random_variables(full_model, batch["image"])
+
     def losses(params):
         outputs, new_batch_stats = full_model.apply(
             {"params": params, "batch_stats": full_variables["batch_stats"]}, batch["image"], train=True)
@@ -196,6 +206,42 @@ def test_gradients_keep_aux_and_main_paths_apart(full_model, full_variables, bat
                            full_variables["batch_stats"]["aux"]["depth"]["head"]["hidden"]["bn"]["var"])
 
 
+def test_downsample_to_pools_like_the_encoder_strides():
+    x = jnp.arange(2 * 5 * 7 * 3, dtype=jnp.float32).reshape(2, 5, 7, 3)
+    pooled = downsample_to(x, 3, 4)  # ceil(5/2), ceil(7/2): what a stride-2 'same' convolution gives
+    assert pooled.shape == (2, 3, 4, 3)
+    np.testing.assert_allclose(pooled[:, 0, 0], x[:, :2, :2].mean(axis=(1, 2)), rtol=1e-6)
+    borders = [pooled[:, 2, 3], x[:, 4:, 6:].mean(axis=(1, 2))]  # SAME pads after; the pad is not averaged in
+    np.testing.assert_allclose(*borders, rtol=1e-6)
+    no_integer_factor = downsample_to(x, 2, 2)  # ceil(5/2) = 3, ceil(5/3) = 2 but 7/3 rounds to 2: bilinear
+    np.testing.assert_allclose(no_integer_factor, jax.image.resize(x, (2, 2, 2, 3), "bilinear", antialias=False),
+                               rtol=1e-6)
+    assert downsample_to(x, 5, 7) is x
+
+
+def train_flops(model, images, batch):
+    """XLA's FLOP count of one loss-and-gradient computation (main + aux losses), from the lowered program."""
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+
+    def loss(params, batch_stats):
+        outputs, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
+        return (sum(task_lib.task_losses(outputs.main, batch).values())
+                + sum(task_lib.task_losses(outputs.aux, batch).values(), 0.0))
+
+    return jax.jit(jax.grad(loss)).lower(variables["params"], variables["batch_stats"]).cost_analysis()["flops"]
+
+
+def test_hierarchy_aux_modules_cost_a_small_share_of_training_flops(batch):
+    """Aux modules for all three tasks add under AUX_FLOP_SHARE_BOUND of Joint's train FLOPs when they follow the
+    encoder's hierarchy (measured 3.0% here and 3.4% at width 1.0, 128x128), but not when they aggregate at the
+    finest stage (52% here, 237% at width 1.0): the head's 3x3 conv on all stages' channels at stride 2."""
+    joint = train_flops(build_model(model_config(), TASKS), batch["image"], batch)
+    shares = {resolution: train_flops(build_model(model_config(), TASKS, aux_config(resolution=resolution)),
+                                      batch["image"], batch) / joint - 1.0
+              for resolution in RESOLUTIONS}
+    assert 0.0 < shares["hierarchy"] < AUX_FLOP_SHARE_BOUND < shares["finest"], shares
+
+
 def inference_flops(model, variables, images):
     compiled = jax.jit(lambda v, x: model.main.apply(v, x, train=False)).lower(variables, images).compile()
     cost = compiled.cost_analysis()
@@ -230,6 +276,7 @@ BAD_CONFIGS = [
      r"'stage1'.*sows \('stage2', 'stage3', 'stage4', 'stage5'\)"),
     ("aux.adaptor", dict(aux=aux_config(adaptor="deform_conv3x3")), "'deform_conv3x3'"),
     ("aux.aggregate", dict(aux=aux_config(aggregate="max")), "'max'"),
+    ("aux.resolution", dict(aux=aux_config(resolution="coarsest")), "'coarsest'"),
     ("aux.channels", dict(aux=aux_config(channels=0)), "0"),
     ("deep_supervision.tasks", dict(tasks={"depth": 1}, deep_supervision=SimpleNamespace(tasks=("segmentation",))),
      "'segmentation'"),
@@ -241,7 +288,7 @@ def test_bad_config_raises_one_clear_error(field, arguments, bad_value):
     with pytest.raises(ValueError, match=rf"^{re.escape(field)}.*{bad_value}") as error:
         build_model(arguments.get("model", model_config()), arguments.get("tasks", TASKS), arguments.get("aux"),
                     arguments.get("deep_supervision"))
-    if field in ("model.encoder", "model.decoder", "aux.adaptor", "aux.aggregate"):
+    if field in ("model.encoder", "model.decoder", "aux.adaptor", "aux.aggregate", "aux.resolution"):
         allowed = {"model.encoder": ENCODERS, "model.decoder": DECODERS, "aux.adaptor": ADAPTORS,
-                   "aux.aggregate": tuple(AGGREGATES)}[field]
+                   "aux.aggregate": tuple(AGGREGATES), "aux.resolution": RESOLUTIONS}[field]
         assert all(repr(name) in str(error.value) for name in allowed)

@@ -111,8 +111,9 @@ def check_inference_export(model_dir, tmp_path, config):
     predictor = inference.Predictor.load(model_dir)
     outputs = predictor.predict(image[None])
     assert outputs["segmentation"].shape == (1, 40, 48) and outputs["depth"].shape == (1, 40, 48, 1)
-    normalised = (image[None].astype(np.float32) - np.asarray(config.input.mean)) / np.asarray(config.input.std)
-    expected = predictor.model.predict(predictor.variables, normalised)
+    mean, std = np.asarray(config.input.mean, np.float32), np.asarray(config.input.std, np.float32)
+    normalised = (image[None].astype(np.float32) - mean) / std
+    expected = jax.jit(predictor.model.predict)(predictor.variables, normalised)  # jitted, as the Predictor is
     np.testing.assert_allclose(outputs["depth"], expected["depth"], rtol=1e-5, atol=1e-6)
     inference.main(["--model", str(model_dir), "--output", str(tmp_path / "preds"), str(tmp_path / "photo.png")])
     for task in config.tasks:

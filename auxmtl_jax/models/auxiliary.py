@@ -1,9 +1,17 @@
 """Train-only modules that read the sown encoder stages: auxiliary modules (paper Eq. 2) and deep supervision.
 
-An auxiliary module for task t applies an adaptor D_p to each selected stage O_p, resizes the result to the
-finest selected resolution and aggregates along the hierarchy, h_p = h_{p-1} ⊙ D_p(O_p), then predicts task t
-with a small head. Adaptors and aggregators come from two registries (``OPERATIONS``, ``AGGREGATES``) so that a
-searched NAS genotype can build its cells from the same pieces:
+An auxiliary module for task t applies an adaptor D_p to each selected stage O_p and aggregates along the
+hierarchy, h_p = h_{p-1} ⊙ D_p(O_p), then predicts task t with a small head. Where the aggregation happens is
+``resolution``:
+
+* ``hierarchy`` (default): h_{p-1} is average-pooled down to O_p's resolution before ⊙, so every step works at
+  its own stage's resolution and the head runs at the deepest selected stage: a cheap column parallel to the
+  encoder (paper Fig. 1b), a few percent of the main network's FLOPs.
+* ``finest``: every D_p(O_p) is upsampled to the finest selected stage and aggregated and predicted there (the
+  head's 3x3 conv then runs at stride 2 on all stages' channels: about 1.6x the main network's FLOPs).
+
+Adaptors and aggregators come from two registries (``OPERATIONS``, ``AGGREGATES``) so that a searched NAS
+genotype can build its cells from the same pieces:
 
 | operation          | what it is                                            |
 |--------------------|-------------------------------------------------------|
@@ -78,13 +86,29 @@ AGGREGATES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "sum": sum_aggregate,
     "concat": concat_aggregate,
 }
+RESOLUTIONS = ("hierarchy", "finest")
+
+
+def downsample_to(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Brings a finer NHWC feature down to (height, width) the way the encoder's strides do.
+
+    An integer factor f with ceil(size / f) == target (what stride-f 'same' convolutions give) is an f x f
+    average pool (border windows average only the pixels inside); any other ratio falls back to bilinear.
+    """
+    if x.shape[1:3] == (height, width):
+        return x
+    factors = (round(x.shape[1] / height), round(x.shape[2] / width))
+    if min(factors) >= 1 and (-(-x.shape[1] // factors[0]), -(-x.shape[2] // factors[1])) == (height, width):
+        return nn.avg_pool(x, factors, strides=factors, padding="SAME", count_include_pad=False)
+    return resize_bilinear(x, height, width)
 
 
 class AuxiliaryModule(nn.Module):
     """Paper Eq. 2 for one task: adaptors on the selected stages, hierarchical aggregation, task head.
 
-    ``features`` are stage names, aggregated in the given (shallow-to-deep) order. Parameters:
-    ``adaptor_{stage}`` per stage and ``head``.
+    ``features`` are stage names, aggregated in the given (shallow-to-deep) order, at each stage's resolution
+    (``resolution='hierarchy'``) or all at the finest one (``'finest'``). Parameters: ``adaptor_{stage}`` per
+    stage and ``head``; they do not depend on ``resolution``.
     """
 
     task: str
@@ -93,18 +117,22 @@ class AuxiliaryModule(nn.Module):
     adaptor: str = "conv1x1"
     aggregate: str = "concat"
     channels: int = 64
+    resolution: str = "hierarchy"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, stages: Mapping[str, jax.Array], output_size: tuple[int, int], train: bool) -> jax.Array:
-        height = max(stages[name].shape[1] for name in self.features)
-        width = max(stages[name].shape[2] for name in self.features)
+        finest = (max(stages[name].shape[1] for name in self.features),
+                  max(stages[name].shape[2] for name in self.features))
         make_adaptor, combine = OPERATIONS[self.adaptor], AGGREGATES[self.aggregate]
         aggregated = None
         for name in self.features:
             adapted = make_adaptor(self.channels, self.dtype, f"adaptor_{name}")(stages[name].astype(self.dtype),
                                                                                train)
-            adapted = resize_bilinear(adapted, height, width)
+            if self.resolution == "finest":
+                adapted = resize_bilinear(adapted, *finest)
+            elif aggregated is not None:
+                aggregated = downsample_to(aggregated, *adapted.shape[1:3])
             aggregated = adapted if aggregated is None else combine(aggregated, adapted)
         raw = PredictionHead(self.out_channels, self.channels, dtype=self.dtype, name="head")(aggregated, train)
         return to_task_output(self.task, raw, *output_size)

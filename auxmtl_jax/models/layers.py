@@ -56,6 +56,45 @@ def conv2d(
     )
 
 
+class DepthwiseConv(nn.Module):
+    """Depthwise k x k convolution (no bias) as k*k shifted multiply-adds; parameters as ``nn.Conv``'s.
+
+    Same result and the same ``{'kernel': [k, k, 1, C]}`` parameter as ``nn.Conv(feature_group_count=C)``, but
+    XLA's CPU backend runs grouped convolutions 10x slower than dense ones, while the shifted form fuses into one
+    elementwise loop forward and backward (5-24x faster there). Other backends keep their tuned conv kernels.
+    """
+
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        kernel = self.param("kernel", conv_kernel_init, (self.kernel_size, self.kernel_size, 1, channels),
+                            jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        padding = symmetric_padding(self.kernel_size, self.dilation)
+        if jax.default_backend() != "cpu":
+            return jax.lax.conv_general_dilated(
+                x, kernel, (self.stride, self.stride), padding, rhs_dilation=(self.dilation, self.dilation),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+        span = self.dilation * (self.kernel_size - 1)
+        out_height = (x.shape[1] - span - 1) // self.stride + 1
+        out_width = (x.shape[2] - span - 1) // self.stride + 1
+        out = None
+        for row in range(self.kernel_size):
+            for col in range(self.kernel_size):
+                top, left = row * self.dilation, col * self.dilation
+                window = x[:, top:top + (out_height - 1) * self.stride + 1:self.stride,
+                           left:left + (out_width - 1) * self.stride + 1:self.stride]
+                term = window * kernel[row, col, 0]
+                out = term if out is None else out + term
+        return out
+
+
 def batch_norm(train: bool, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
     """BatchNorm with PyTorch's epsilon/momentum; batch statistics when ``train``, running averages otherwise."""
     return nn.BatchNorm(
@@ -81,15 +120,11 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = conv2d(
-            self.features,
-            self.kernel_size,
-            stride=self.stride,
-            dilation=self.dilation,
-            groups=self.groups,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
+        if self.groups > 1 and self.groups == x.shape[-1] == self.features:
+            x = DepthwiseConv(self.kernel_size, self.stride, self.dilation, dtype=self.dtype, name="conv")(x)
+        else:
+            x = conv2d(self.features, self.kernel_size, stride=self.stride, dilation=self.dilation,
+                       groups=self.groups, dtype=self.dtype, name="conv")(x)
         x = batch_norm(train, dtype=self.dtype, name="bn")(x)
         return self.activation(x) if self.activation is not None else x
 

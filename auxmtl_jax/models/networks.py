@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from auxmtl_jax import tasks as task_lib
-from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, AuxiliaryModule, DeepSupervisionHeads
+from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, RESOLUTIONS, AuxiliaryModule, DeepSupervisionHeads
 from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
                                         UShapeDecoder, aspp_rates)
 from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_module, encoder_stages
@@ -228,10 +228,12 @@ def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple
     features = tuple(name for name in stage_names if name in features) if features else stage_names
     adaptor = _choice(aux_cfg, "aux.adaptor", "adaptor", ADAPTORS, default="conv1x1")
     aggregate = _choice(aux_cfg, "aux.aggregate", "aggregate", tuple(AGGREGATES), default="concat")
+    resolution = _choice(aux_cfg, "aux.resolution", "resolution", RESOLUTIONS, default="hierarchy")
     channels = _field(aux_cfg, "aux.channels", "channels", 64)
     _require_positive_int("aux.channels", channels)
     return tuple((task, AuxiliaryModule(task=task, out_channels=task_channels[task], features=features,
-                                        adaptor=adaptor, aggregate=aggregate, channels=channels, dtype=dtype))
+                                        adaptor=adaptor, aggregate=aggregate, channels=channels,
+                                        resolution=resolution, dtype=dtype))
                  for task in aux_tasks)
 
 

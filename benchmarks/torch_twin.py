@@ -7,7 +7,8 @@ Module names mirror the flax parameter paths, e.g. ``main.encoder.block3.depthwi
 ``params['main']['encoder']['block3']['depthwise']['conv']['kernel']``, so ``load_flax_variables`` copies our
 weights in and both networks then give the same outputs up to float rounding (tests/test_torch_twin.py checks it).
 
-This file imports only torch (not jax), so it also runs where only PyTorch is installed. Pieces:
+The layout (blocks, strides, dilations, channel rounding, sown stages, ASPP rates) is read from
+``auxmtl_jax.models``, so only the layers are written twice. Pieces:
 
 * ``build_twin`` / ``build_twin_from_config``: ``MultiTaskTwin`` with ``.main`` (what inference runs) and
   ``.aux`` (``{task: AuxiliaryTwin}``, train-only); ``twin(images) -> (main_outputs, aux_outputs)``.
@@ -25,8 +26,6 @@ refuses a training batch of one image at the ASPP's pooled (1x1) branch, where f
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -35,161 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENCODERS = ("mobilenet_v2", "resnet50")
-DECODERS = ("baseline", "context", "ushape")
-OUTPUT_STRIDES = (8, 16, 32)
-DEFAULT_OUTPUT_STRIDE = {"baseline": 8, "context": 8, "ushape": 32}
-DEFAULT_HEAD_CHANNELS = {"baseline": 256, "context": 256, "ushape": 28}
-ADAPTORS = ("conv1x1", "conv3x3", "sep_conv3x3", "sep_conv3x3_dil3", "sep_conv3x3_dil6", "skip")
-AGGREGATES = ("sum", "concat")
-RESOLUTIONS = ("hierarchy", "finest")
-FIXED_TASK_CHANNELS = {"depth": 1, "normal": 3}
-TASK_NAMES = ("segmentation", "depth", "normal")
-SEGMENTATION_IGNORE_LABEL = 255
+from auxmtl_jax.models import (AGGREGATES, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE, ENCODERS,
+                               OPERATIONS, OUTPUT_STRIDES, RESOLUTIONS)
+from auxmtl_jax.models.decoders import aspp_rates
+from auxmtl_jax.models.encoders import (StageSpec, encoder_stages, mobilenet_v2_blocks, resnet50_blocks,
+                                        resnet_stem_channels)
+from auxmtl_jax.models.layers import FIXED_TASK_CHANNELS, TASK_NAMES
+from auxmtl_jax.tasks import SEGMENTATION_IGNORE_LABEL
+
+ADAPTORS = tuple(OPERATIONS)
 
 BATCH_NORM_EPSILON = 1e-5
 BATCH_NORM_MOMENTUM = 0.1  # torch's convention; flax's momentum=0.9 is the same running average
 NORMAL_OUTPUT_EPSILON = 1e-6  # layers.to_task_output floors the normal's length here
 LOSS_NORM_FLOOR = 1e-12  # tasks.unit_vectors floors the squared length here
 _DEEPLAB_RATES_AT_STRIDE_16 = (6, 12, 18)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Static layouts (what encoders.py computes: channel rounding, dilation schedule, sown stages)
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    """One encoder stage read by the decoders and aux modules: name, effective stride, channels."""
-
-    name: str
-    stride: int
-    channels: int
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """torchvision's channel rounding: nearest multiple of ``divisor``, never below 90% of ``value``."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-class DilationSchedule:
-    """Replaces strides by dilation once the nominal stride would exceed ``output_stride``."""
-
-    def __init__(self, output_stride: int, initial_stride: int):
-        self.output_stride = output_stride
-        self.nominal_stride = initial_stride
-        self.dilation = 1
-
-    def step(self, stride: int) -> tuple[int, int]:
-        """(stride, dilation) for one layer of nominal ``stride``."""
-        self.nominal_stride *= stride
-        if stride > 1 and self.nominal_stride > self.output_stride:
-            previous = self.dilation
-            self.dilation *= stride
-            return 1, previous
-        return stride, self.dilation
-
-
-# torchvision's MobileNetV2 setting: (expansion, channels, repeats, first stride).
-_MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                         (6, 160, 3, 2), (6, 320, 1, 1))
-_MOBILENET_V2_STEM_CHANNELS = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class InvertedResidualLayout:
-    """One MobileNetV2 block (``block{index}``) and the stage it ends, if any."""
-
-    index: int
-    in_channels: int
-    out_channels: int
-    expand_ratio: int
-    stride: int
-    dilation: int
-    residual: bool
-    stage: str | None
-
-
-def mobilenet_v2_layout(width_multiplier: float, output_stride: int) -> list[InvertedResidualLayout]:
-    """The 17 inverted residual blocks; a block ends stage K when the next one changes the nominal stride 2**K."""
-    schedule = DilationSchedule(output_stride, initial_stride=2)
-    nominal_strides, settings = [], []
-    nominal = 2
-    for expand_ratio, channels, repeats, first_stride in _MOBILENET_V2_SETTING:
-        for repeat in range(repeats):
-            nominal *= first_stride if repeat == 0 else 1
-            nominal_strides.append(nominal)
-            settings.append((expand_ratio, make_divisible(channels * width_multiplier),
-                             first_stride if repeat == 0 else 1))
-    blocks = []
-    in_channels = make_divisible(_MOBILENET_V2_STEM_CHANNELS * width_multiplier)
-    for position, (expand_ratio, out_channels, nominal_stride) in enumerate(settings):
-        stride, dilation = schedule.step(nominal_stride)
-        ends_stage = position == len(settings) - 1 or nominal_strides[position + 1] != nominal_strides[position]
-        blocks.append(InvertedResidualLayout(
-            index=position + 1, in_channels=in_channels, out_channels=out_channels, expand_ratio=expand_ratio,
-            stride=stride, dilation=dilation, residual=nominal_stride == 1 and in_channels == out_channels,
-            stage=f"stage{int(math.log2(nominal_strides[position]))}" if ends_stage else None))
-        in_channels = out_channels
-    return blocks
-
-
-_RESNET50_DEPTHS = (3, 4, 6, 3)
-_RESNET_BASE_WIDTHS = (64, 128, 256, 512)
-_RESNET_EXPANSION = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class BottleneckLayout:
-    """One ResNet-50 bottleneck (``layer{layer}_{index}``)."""
-
-    layer: int
-    index: int
-    in_channels: int
-    width: int
-    out_channels: int
-    stride: int
-    dilation: int
-    downsample: bool
-
-
-def resnet_stem_channels(width_multiplier: float) -> int:
-    return make_divisible(64 * width_multiplier)
-
-
-def resnet50_layout(width_multiplier: float, output_stride: int) -> list[BottleneckLayout]:
-    """ResNet-50 v1.5 blocks; a dilated layer's first block keeps the previous dilation (torchvision)."""
-    schedule = DilationSchedule(output_stride, initial_stride=4)
-    in_channels = resnet_stem_channels(width_multiplier)
-    blocks = []
-    for layer, (depth, base_width) in enumerate(zip(_RESNET50_DEPTHS, _RESNET_BASE_WIDTHS), start=1):
-        width = make_divisible(base_width * width_multiplier)
-        out_channels = width * _RESNET_EXPANSION
-        first_stride, first_dilation = schedule.step(1 if layer == 1 else 2)
-        for index in range(depth):
-            blocks.append(BottleneckLayout(
-                layer=layer, index=index, in_channels=in_channels, width=width, out_channels=out_channels,
-                stride=first_stride if index == 0 else 1,
-                dilation=first_dilation if index == 0 else schedule.dilation,
-                downsample=index == 0 and (first_stride != 1 or in_channels != out_channels)))
-            in_channels = out_channels
-    return blocks
-
-
-def encoder_stage_specs(encoder: str, width_multiplier: float, output_stride: int) -> tuple[StageSpec, ...]:
-    """The stages an encoder returns, shallow to deep."""
-    if encoder == "mobilenet_v2":
-        return tuple(StageSpec(block.stage, min(2 ** int(block.stage[5:]), output_stride), block.out_channels)
-                     for block in mobilenet_v2_layout(width_multiplier, output_stride) if block.stage)
-    last_per_layer = {block.layer: block for block in resnet50_layout(width_multiplier, output_stride)}
-    return tuple(StageSpec(f"stage{layer + 1}", min(2 ** (layer + 1), output_stride), block.out_channels)
-                 for layer, block in sorted(last_per_layer.items()))
-
-
-def aspp_rates(output_stride: int) -> tuple[int, ...]:
-    """DeepLabv3's atrous rates scaled to the output stride (12/24/36 at 8)."""
-    return tuple(max(1, rate * 16 // output_stride) for rate in _DEEPLAB_RATES_AT_STRIDE_16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +137,7 @@ def to_task_output(task: str, raw: torch.Tensor, height: int, width: int) -> tor
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: optional 1x1 expansion, 3x3 depthwise, linear 1x1 projection, identity shortcut."""
 
-    def __init__(self, layout: InvertedResidualLayout):
+    def __init__(self, layout):  # an encoders.InvertedResidualSpec
         super().__init__()
         hidden = int(round(layout.in_channels * layout.expand_ratio))
         self.residual = layout.residual
@@ -298,7 +157,7 @@ class MobileNetV2Encoder(nn.Module):
 
     def __init__(self, width_multiplier: float, output_stride: int):
         super().__init__()
-        layout = mobilenet_v2_layout(width_multiplier, output_stride)
+        layout = mobilenet_v2_blocks(width_multiplier, output_stride)
         self.stem = ConvBN(3, layout[0].in_channels, 3, stride=2, activation="relu6")
         self.block_names, self.stage_after = [], {}
         for block in layout:
@@ -321,9 +180,9 @@ class MobileNetV2Encoder(nn.Module):
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck: 1x1 reduce, 3x3 (strided, dilated), 1x1 expand, projection shortcut if needed."""
 
-    def __init__(self, layout: BottleneckLayout):
+    def __init__(self, layout, in_channels: int):  # an encoders.BottleneckSpec
         super().__init__()
-        self.conv1 = conv2d(layout.in_channels, layout.width, 1)
+        self.conv1 = conv2d(in_channels, layout.width, 1)
         self.bn1 = batch_norm(layout.width)
         self.conv2 = conv2d(layout.width, layout.width, 3, stride=layout.stride, dilation=layout.dilation)
         self.bn2 = batch_norm(layout.width)
@@ -331,7 +190,7 @@ class Bottleneck(nn.Module):
         self.bn3 = batch_norm(layout.out_channels)
         self.has_downsample = layout.downsample
         if layout.downsample:
-            self.downsample_conv = conv2d(layout.in_channels, layout.out_channels, 1, stride=layout.stride)
+            self.downsample_conv = conv2d(in_channels, layout.out_channels, 1, stride=layout.stride)
             self.downsample_bn = batch_norm(layout.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,10 +210,12 @@ class ResNet50Encoder(nn.Module):
         self.conv1 = conv2d(3, stem_channels, 7, stride=2)
         self.bn1 = batch_norm(stem_channels)
         self.block_names, self.stage_after = [], {}
-        layout = resnet50_layout(width_multiplier, output_stride)
+        layout = resnet50_blocks(width_multiplier, output_stride)
+        in_channels = stem_channels
         for position, block in enumerate(layout):
             name = f"layer{block.layer}_{block.index}"
-            self.add_module(name, Bottleneck(block))
+            self.add_module(name, Bottleneck(block, in_channels))
+            in_channels = block.out_channels
             self.block_names.append(name)
             if position == len(layout) - 1 or layout[position + 1].layer != block.layer:
                 self.stage_after[name] = f"stage{block.layer + 1}"
@@ -432,7 +293,7 @@ class MainTwin(nn.Module):
         super().__init__()
         self.tasks = dict(tasks)
         self.decoder = decoder
-        self.stages = encoder_stage_specs(encoder, width_multiplier, output_stride)
+        self.stages = encoder_stages(encoder, width_multiplier=width_multiplier, output_stride=output_stride)
         self.encoder = build_encoder(encoder, width_multiplier, output_stride)
         deepest = self.stages[-1].channels
         if decoder == "context":

@@ -13,6 +13,7 @@ from auxmtl_jax import tasks as task_lib
 from auxmtl_jax.models import (ADAPTORS, AGGREGATES, DECODERS, ENCODERS, OPERATIONS, RESOLUTIONS, ModelOutputs,
                                build_model, encoder_stages)
 from auxmtl_jax.models.auxiliary import downsample_to
+from auxmtl_jax.models.layers import DepthwiseConv, symmetric_padding
 
 TASKS = {"segmentation": 5, "depth": 1, "normal": 3}
 IMAGE_SHAPE = (2, 32, 32, 3)
@@ -204,6 +205,24 @@ def test_gradients_keep_aux_and_main_paths_apart(resolution, batch):
                            full_variables["batch_stats"]["main"]["encoder"]["stem"]["bn"]["mean"])
     assert not np.allclose(new_batch_stats["aux"]["depth"]["head"]["hidden"]["bn"]["var"],
                            full_variables["batch_stats"]["aux"]["depth"]["head"]["hidden"]["bn"]["var"])
+
+
+@pytest.mark.parametrize("implementation", ["shifted", "grouped"])
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 3), (2, 2)])
+def test_depthwise_conv_equals_a_grouped_flax_conv(implementation, stride, dilation):
+    """Both implementations (CPU: shifted multiply-adds; elsewhere: grouped conv) give flax's grouped conv."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 11, 6))
+    ours = DepthwiseConv(3, stride, dilation, implementation=implementation)
+    reference = nn.Conv(6, (3, 3), strides=(stride, stride), padding=symmetric_padding(3, dilation),
+                        kernel_dilation=(dilation, dilation), feature_group_count=6, use_bias=False)
+    variables = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference.init(jax.random.key(1), x))
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-6)
+    gradient = lambda module: jax.grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))), argnums=(0, 1))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(gradient(ours)(variables, x)), jax.tree.leaves(gradient(reference)(variables, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_downsample_to_pools_like_the_encoder_strides():

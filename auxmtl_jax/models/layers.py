@@ -68,6 +68,7 @@ class DepthwiseConv(nn.Module):
     stride: int = 1
     dilation: int = 1
     dtype: Dtype = jnp.float32
+    implementation: str | None = None  # 'shifted' or 'grouped'; None: 'shifted' on CPU, else 'grouped'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,7 +77,8 @@ class DepthwiseConv(nn.Module):
                             jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         padding = symmetric_padding(self.kernel_size, self.dilation)
-        if jax.default_backend() != "cpu":
+        implementation = self.implementation or ("shifted" if jax.default_backend() == "cpu" else "grouped")
+        if implementation == "grouped":
             return jax.lax.conv_general_dilated(
                 x, kernel, (self.stride, self.stride), padding, rhs_dilation=(self.dilation, self.dilation),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)

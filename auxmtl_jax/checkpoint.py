@@ -127,7 +127,8 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), **{DATA_ITEM: ProcessLocalJsonRestore()}))
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"Checkpoint {self.directory}/{step} does not match this run's model/optimizer "
-                             f"state or process count ({error}). Use a fresh --workdir for a different setup.") from error
+                             f"state or process count ({error}). Use a fresh --workdir for a different "
+                             "setup.") from error
         return restored["state"], restored[DATA_ITEM]
 
     def wait(self) -> None:

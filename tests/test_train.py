@@ -56,7 +56,8 @@ def assert_trees_close(a, b, **tolerance):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tolerance)
 
 
-# One step on 4 vs 1 devices, per tensor (README, "Data parallelism"): |x4 - x1| <= RTOL * (|x1 - x0| + FLOOR * sqrt(n)).
+# One step on 4 vs 1 devices, per tensor (README, "Data parallelism"):
+#   |x4 - x1| <= RTOL * (|x1 - x0| + FLOOR * sqrt(n)).
 # The floor covers tensors that barely move (BatchNorm means of ~1e-8, whose change is rounding alone).
 DEVICE_COUNT_UPDATE_RTOL = 1e-2
 DEVICE_COUNT_UPDATE_FLOOR = 1e-5
@@ -282,7 +283,8 @@ def test_resume_with_an_accepted_config_change_continues_and_records_it(data_dir
                                          r"--config\.accept_changed_keys=optimizer\.learning_rate.*"
                                          r"--config\.init_from\.path="):
         train.train_and_evaluate(changed, str(tmp_path))
-    with pytest.raises(ValueError, match=r"accept_changed_keys names 'optimizer\.learning_rat', which is no config key"):
+    with pytest.raises(ValueError, match=r"accept_changed_keys names 'optimizer\.learning_rat', which is no "
+                                         r"config key"):
         train.train_and_evaluate(tiny_config(data_dir, accept_changed_keys="optimizer.learning_rat"), str(tmp_path))
 
     changed.accept_changed_keys = "optimizer.learning_rate"

@@ -8,6 +8,6 @@ from auxmtl_jax.models.networks import DTYPES, ModelOutputs, MultiTaskModel, Mul
 
 __all__ = [
     "ADAPTORS", "AGGREGATES", "DECODERS", "DEFAULT_HEAD_CHANNELS", "DEFAULT_OUTPUT_STRIDE", "DTYPES", "ENCODERS",
-    "OPERATIONS", "OUTPUT_STRIDES", "RESOLUTIONS", "AuxiliaryModule", "DeepSupervisionHeads", "ModelOutputs", "MultiTaskModel",
-    "MultiTaskNet", "StageSpec", "build_model", "encoder_stages",
+    "OPERATIONS", "OUTPUT_STRIDES", "RESOLUTIONS", "AuxiliaryModule", "DeepSupervisionHeads", "ModelOutputs",
+    "MultiTaskModel", "MultiTaskNet", "StageSpec", "build_model", "encoder_stages",
 ]

@@ -6,9 +6,9 @@ hierarchy, h_p = h_{p-1} ⊙ D_p(O_p), then predicts task t with a small head. W
 
 * ``hierarchy`` (default): h_{p-1} is average-pooled down to O_p's resolution before ⊙, so every step works at
   its own stage's resolution and the head runs at the deepest selected stage: a cheap column parallel to the
-  encoder (paper Fig. 1b), a few percent of the main network's FLOPs.
+  encoder (paper Fig. 1b), about 3% of the main network's training FLOPs.
 * ``finest``: every D_p(O_p) is upsampled to the finest selected stage and aggregated and predicted there (the
-  head's 3x3 conv then runs at stride 2 on all stages' channels: about 1.6x the main network's FLOPs).
+  head's 3x3 conv then runs at stride 2 on all stages' channels: 1.6-2.4x the main network's training FLOPs).
 
 Adaptors and aggregators come from two registries (``OPERATIONS``, ``AGGREGATES``) so that a searched NAS
 genotype can build its cells from the same pieces:

@@ -322,6 +322,8 @@ def validate_config(config) -> None:
     if config.optimizer.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.")
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    checkpoint_lib.parse_accepted_keys(config.get("accept_changed_keys"),
+                                       checkpoint_lib.flatten_config(json.loads(checkpoint_lib.config_to_json(config))))
     if not config.tasks:
         raise ValueError("config.tasks is empty; expected at least one of " + ", ".join(tasks_lib.TASK_NAMES))
 

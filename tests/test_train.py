@@ -188,6 +188,7 @@ def test_workdir_with_another_config_is_refused(data_dir, tmp_path):
     ({"loss_weighting": "dwa"}, r"config\.loss_weighting='dwa' is unknown"),
     ({"model.decoder": "fpn"}, r"fpn"),
     ({"init_from.path": "/nonexistent/run"}, r"config\.init_from\.path='/nonexistent/run'"),
+    ({"accept_changed_keys": "optimizer.lr"}, r"accept_changed_keys names 'optimizer\.lr', which is no config key"),
 ])
 def test_bad_config_values_fail_clearly(data_dir, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

@@ -1,11 +1,14 @@
-r"""Figures from training workdirs.
+r"""Figures from training workdirs and Auxi-NAS genotypes.
 
   python -m auxmtl_jax.analysis.plot fig5 joint=DIR auxi=DIR --out=fig5.png [--task=depth] [--layers=a,b,c]
   python -m auxmtl_jax.analysis.plot fig3 single_seg=DIR single_depth=DIR joint=DIR auxi_all=DIR \
       --out=fig3.png [--x=segmentation/miou --y=depth/abs_err]
+  python -m auxmtl_jax.analysis.plot genotype GENOTYPE.json --out=cells.png
 
-Each run is `NAME=DIR` (DIR a training workdir) or a sweep workdir (`NAME=DIR` or plain `DIR`) whose sub-folders
-are workdirs, each becoming a run named after its sub-folder. A PNG and an SVG with the same stem are written.
+For fig5/fig3 each run is `NAME=DIR` (DIR a training workdir) or a sweep workdir (`NAME=DIR` or plain `DIR`) whose
+sub-folders are workdirs, each becoming a run named after its sub-folder; a PNG and an SVG with the same stem are
+written. `genotype` draws a genotype JSON file (paper Fig. 4: per task, its cells, their inputs, operations and
+aggregator) into the PNG only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 from auxmtl_jax.analysis import figures
 from auxmtl_jax.analysis.figures import AnalysisInputError
+from auxmtl_jax.analysis.genotype_plot import plot_genotype
+from auxmtl_jax.nas import GenotypeError, load_genotype
 
 
 def resolve_runs(specs: Sequence[str], required_file: str) -> dict[str, Path]:
@@ -72,9 +77,16 @@ def plot_fig3(
     return figures.save_figure(figures.strategy_scatter(results, x, y), out, dpi=dpi), left_out
 
 
+def plot_genotype_file(genotype_path: str, *, out: str, dpi: int = 150) -> list[Path]:
+    """Auxi-NAS genotype drawing (paper Fig. 4) of a genotype JSON file; returns the written path in a list."""
+    genotype = load_genotype(genotype_path)
+    return [plot_genotype(genotype, out, title=Path(genotype_path).name, dpi=dpi)]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m auxmtl_jax.analysis.plot", description="Figures from training workdirs (paper Fig. 5, 3)."
+        prog="python -m auxmtl_jax.analysis.plot",
+        description="Figures from training workdirs (paper Fig. 5, 3) and Auxi-NAS genotypes (Fig. 4).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("fig5", "shared-encoder gradient magnitude and training loss"),
@@ -92,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     fig5.add_argument("--smoothing", type=float, default=0.6, help="EMA smoothing of the curves, in [0, 1)")
     fig3.add_argument("--x", default=None, help="task/metric on the x axis (e.g. segmentation/miou)")
     fig3.add_argument("--y", default=None, help="task/metric on the y axis (e.g. depth/abs_err)")
+    genotype = commands.add_parser("genotype", help="an Auxi-NAS genotype's cells per task (paper Fig. 4)")
+    genotype.add_argument("genotype", metavar="GENOTYPE.json", help="genotype file (auxmtl_jax.nas format)")
+    genotype.add_argument("--out", required=True, help="output .png")
+    genotype.add_argument("--dpi", type=int, default=150, help="PNG resolution")
     return parser
 
 
@@ -99,14 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (1 with one error line on stderr for bad inputs)."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "fig5":
+        if args.command == "genotype":
+            written = plot_genotype_file(args.genotype, out=args.out, dpi=args.dpi)
+        elif args.command == "fig5":
             written = plot_fig5(args.runs, out=args.out, task=args.task, layers=args.layers,
                                 component=args.component, smoothing=args.smoothing, dpi=args.dpi)
         else:
             written, left_out = plot_fig3(args.runs, out=args.out, x=args.x, y=args.y, dpi=args.dpi)
             for name, reason in left_out.items():
                 print(f"fig3: left out run {name!r}: {reason}", file=sys.stderr)
-    except AnalysisInputError as error:
+    except (AnalysisInputError, GenotypeError) as error:
         print(f"plot {args.command}: error: {error}", file=sys.stderr)
         return 1
     for path in written:

@@ -20,9 +20,10 @@ genotype can build its cells from the same pieces:
 | ``sep_conv3x3``    | depthwise 3x3 + BN, pointwise 1x1 + BN + ReLU         |
 | ``sep_conv3x3_dil3`` / ``sep_conv3x3_dil6`` | the same with dilation 3 / 6 |
 | ``skip``           | identity (keeps the input's channels)                 |
+| ``deform_conv3x3`` | deformable 3x3 conv (``deformable.py``) + BN + ReLU   |
 
-The NAS space's deformable 3x3 conv is not implemented. Aggregators: ``sum`` (needs equal channels) and
-``concat``. Everything here lives outside ``main``, so dropping it leaves inference unchanged.
+Aggregators: ``sum`` (needs equal channels) and ``concat``. The searchable cells built from these operations are
+in ``cells.py``. Everything here lives outside ``main``, so dropping it leaves inference unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from auxmtl_jax.models.deformable import DeformableConvBN
 from auxmtl_jax.models.layers import ConvBN, PredictionHead, SeparableConvBN, resize_bilinear, to_task_output
 
 Dtype = Any
@@ -64,6 +66,7 @@ OPERATIONS: dict[str, OperationFactory] = {
     "sep_conv3x3_dil3": _separable(3),
     "sep_conv3x3_dil6": _separable(6),
     "skip": lambda channels, dtype, name: Identity(name=name),
+    "deform_conv3x3": lambda channels, dtype, name: DeformableConvBN(channels, 3, dtype=dtype, name=name),
 }
 # The adaptors a config may choose for Eq. 2 (paper Table 2); the rest of OPERATIONS is for NAS cells.
 ADAPTORS = ("conv1x1", "conv3x3")

@@ -11,6 +11,12 @@ before anything is traced) and returns a ``MultiTaskModel``:
   feeds the sown encoder stages to the aux modules and deep-supervision heads, which are separate modules with
   their own variables; it returns ``(ModelOutputs, new_batch_stats)``.
 
+Aux modules are either the basic module of paper Eq. 2 (``aux.tasks``, ``aux.adaptor``, ``aux.aggregate``, ...) or,
+when ``aux.genotype`` is set, Auxi-NAS cells (``cells.AuxiliaryCells``). ``aux.genotype`` may be a genotype JSON
+path or a ``nas.Genotype`` (static build: trains that genotype), or a ``nas.CellSpace`` (searchable build: every
+genotype of the space runs through the same compiled function, passed as ``model.apply(..., genotype=array)``
+with the int array [T, n, 5] of ``Genotype.as_array``).
+
 Because aux modules only read the encoder stages, main-task losses never reach aux parameters and aux losses
 reach the encoder but never the decoders.
 """
@@ -28,10 +34,12 @@ import jax.numpy as jnp
 
 from auxmtl_jax import tasks as task_lib
 from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, RESOLUTIONS, AuxiliaryModule, DeepSupervisionHeads
+from auxmtl_jax.models.cells import AuxiliaryCells
 from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
                                         UShapeDecoder, aspp_rates)
 from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_module, encoder_stages
 from auxmtl_jax.models.layers import PredictionHead, to_task_output
+from auxmtl_jax.nas.genotype import CellSpace, Genotype, GenotypeError, load_genotype
 
 Dtype = Any
 
@@ -86,7 +94,7 @@ class MultiTaskModel:
     """``main`` plus the train-only modules, with pure ``init``/``apply``/``predict`` (hashable, jit-friendly)."""
 
     main: MultiTaskNet
-    aux_modules: tuple[tuple[str, AuxiliaryModule], ...] = ()
+    aux_modules: tuple[tuple[str, AuxiliaryModule | AuxiliaryCells], ...] = ()
     deep_supervision_modules: tuple[tuple[str, DeepSupervisionHeads], ...] = ()
     stage_names: tuple[str, ...] = ()
 
@@ -103,6 +111,17 @@ class MultiTaskModel:
     @property
     def aux_tasks(self) -> tuple[str, ...]:
         return tuple(task for task, _ in self.aux_modules)
+
+    @property
+    def aux_space(self) -> CellSpace | None:
+        """The cell space of Auxi-NAS aux modules (None for the basic module or no aux)."""
+        cells = [module for _, module in self.aux_modules if isinstance(module, AuxiliaryCells)]
+        return cells[0].space if cells else None
+
+    @property
+    def aux_searchable(self) -> bool:
+        """True when the aux cells take the genotype as data (``apply(..., genotype=...)``)."""
+        return any(isinstance(module, AuxiliaryCells) and module.searchable for _, module in self.aux_modules)
 
     @property
     def deep_supervision_tasks(self) -> tuple[str, ...]:
@@ -123,11 +142,16 @@ class MultiTaskModel:
         side = self._side_modules()
         side_rngs = jax.random.split(side_rng, max(1, sum(len(members) for members in side.values())))
         position = 0
+        cells_so_far: list[jax.Array] = []
         for group, members in side.items():
             params[group], batch_stats[group] = {}, {}
-            for task, module in members:
-                variables = module.init(side_rngs[position], stages, output_size, train=False)
+            for index, (task, module) in enumerate(members):
+                arguments = self._cell_arguments(module, index, cells_so_far, None)
+                outputs, variables = module.init_with_output(side_rngs[position], stages, output_size, train=False,
+                                                             **arguments)
                 position += 1
+                if isinstance(module, AuxiliaryCells):
+                    cells_so_far.extend(outputs[1])
                 params[group][task] = variables["params"]
                 if "batch_stats" in variables:
                     batch_stats[group][task] = variables["batch_stats"]
@@ -135,9 +159,15 @@ class MultiTaskModel:
                 del batch_stats[group]
         return {"params": params, "batch_stats": batch_stats}
 
-    def apply(self, variables: Mapping[str, Any], images: jax.Array, *,
-              train: bool) -> tuple[ModelOutputs, dict[str, Any]]:
-        """Forward main + aux + deep supervision; returns outputs and batch_stats shaped like the input's."""
+    def apply(self, variables: Mapping[str, Any], images: jax.Array, *, train: bool,
+              genotype: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
+        """Forward main + aux + deep supervision; returns outputs and batch_stats shaped like the input's.
+
+        ``genotype``: the int array [T, n, 5] a searchable aux build needs (and any other build refuses).
+        """
+        if (genotype is not None) != self.aux_searchable:
+            raise ValueError("model.apply: pass genotype=<int array [T, n, 5]> exactly when the aux cells are "
+                             f"searchable (aux.genotype is a CellSpace); searchable={self.aux_searchable}")
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
         main_outputs, main_state = self.main.apply(
             _module_variables(params["main"], batch_stats.get("main")), images, train=train,
@@ -146,18 +176,38 @@ class MultiTaskModel:
         new_batch_stats = {"main": main_state["batch_stats"]} if "main" in batch_stats else {}
         output_size = (images.shape[1], images.shape[2])
         side_outputs = {"aux": {}, "deep_supervision": {}}
+        cells_so_far: list[jax.Array] = []
         for group, members in self._side_modules().items():
             group_stats = batch_stats.get(group, {})
-            for task, module in members:
+            for index, (task, module) in enumerate(members):
                 prediction, state = module.apply(
                     _module_variables(params[group][task], group_stats.get(task)), stages, output_size,
-                    train=train, mutable=["batch_stats"])
+                    train=train, mutable=["batch_stats"], **self._cell_arguments(module, index, cells_so_far, genotype))
+                if isinstance(module, AuxiliaryCells):
+                    prediction, cells = prediction
+                    cells_so_far.extend(cells)
                 side_outputs[group][task] = prediction
                 if task in group_stats:
                     new_batch_stats.setdefault(group, {})[task] = state["batch_stats"]
         outputs = ModelOutputs(main=main_outputs, aux=side_outputs["aux"],
                                deep_supervision=side_outputs["deep_supervision"])
         return outputs, new_batch_stats
+
+    def _cell_arguments(self, module: nn.Module, index: int, cells_so_far: list[jax.Array],
+                        genotype: jax.Array | None) -> dict[str, Any]:
+        """Extra call arguments of an Auxi-NAS aux module: earlier tasks' cells and, if searchable, its tokens."""
+        if not isinstance(module, AuxiliaryCells):
+            return {}
+        tokens = None
+        if module.searchable:
+            space = module.space
+            shape = (len(space.tasks), space.cells_per_task, 5)
+            # init runs every branch, so any valid genotype will do; location 0 is readable by every cell.
+            tokens = jnp.zeros(shape, jnp.int32) if genotype is None else jnp.asarray(genotype, jnp.int32)
+            if tokens.shape != shape:
+                raise ValueError(f"model.apply: genotype array of shape {tokens.shape}; this space needs {shape}")
+            tokens = tokens[index]
+        return {"earlier_cells": tuple(cells_so_far), "tokens": tokens}
 
     def predict(self, main_variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
         """Inference: ``main`` alone in eval mode, from ``{'params': P['main'], 'batch_stats': S['main']}``."""
@@ -210,7 +260,10 @@ def build_model(model_cfg: Any, tasks: Mapping[str, int], aux_cfg: Any = None,
 
 
 def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple[str, ...],
-                 dtype: Dtype) -> tuple[tuple[str, AuxiliaryModule], ...]:
+                 dtype: Dtype) -> tuple[tuple[str, AuxiliaryModule | AuxiliaryCells], ...]:
+    genotype = _field(aux_cfg, "aux.genotype", "genotype", None) if aux_cfg is not None else None
+    if genotype is not None:
+        return _cell_modules(aux_cfg, genotype, task_channels, stage_names, dtype)
     aux_tasks = _selected_tasks(aux_cfg, "aux.tasks", task_channels)
     if not aux_tasks:
         return ()
@@ -235,6 +288,31 @@ def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple
                                         adaptor=adaptor, aggregate=aggregate, channels=channels,
                                         resolution=resolution, dtype=dtype))
                  for task in aux_tasks)
+
+
+def _cell_modules(aux_cfg: Any, genotype: Any, task_channels: dict[str, int], stage_names: tuple[str, ...],
+                  dtype: Dtype) -> tuple[tuple[str, AuxiliaryCells], ...]:
+    """Auxi-NAS aux modules from a genotype path / Genotype (static) or a CellSpace (searchable)."""
+    if isinstance(genotype, (str, bytes)) or hasattr(genotype, "__fspath__"):
+        source, genotype = f"aux.genotype {str(genotype)!r}", load_genotype(genotype)
+    elif isinstance(genotype, (Genotype, CellSpace)):
+        source = "aux.genotype"
+    else:
+        raise ValueError(f"aux.genotype: expected a genotype JSON path, a nas.Genotype or a nas.CellSpace, got "
+                         f"{type(genotype).__name__}")
+    space = genotype.space if isinstance(genotype, Genotype) else genotype
+    space.check_fits(tasks=tuple(task_channels), stages=stage_names, source=source)
+    for field, value in (("tasks", space.tasks), ("features", space.stages)):
+        configured = tuple(_field(aux_cfg, f"aux.{field}", field, ()) or ())
+        if configured and configured != tuple(value):
+            raise GenotypeError(f"aux.{field}={configured} contradicts {source}, which has {field} {tuple(value)}; "
+                                f"leave aux.{field} empty (the genotype sets it) or make them equal")
+    channels = _field(aux_cfg, "aux.channels", "channels", 64)
+    _require_positive_int("aux.channels", channels)
+    cells = genotype.cells if isinstance(genotype, Genotype) else (None,) * len(space.tasks)
+    return tuple((task, AuxiliaryCells(task=task, out_channels=task_channels[task], space=space, task_index=index,
+                                       cells=cells[index], channels=channels, dtype=dtype))
+                 for index, task in enumerate(space.tasks))
 
 
 def _deep_supervision_modules(ds_cfg: Any, task_channels: dict[str, int], stage_names: tuple[str, ...],

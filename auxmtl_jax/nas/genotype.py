@@ -1,0 +1,348 @@
+"""The Auxi-NAS search space (paper Sec. 3.2, Fig. 2) and its genotype format: cells as data.
+
+A genotype describes the auxiliary modules of T tasks reading P encoder stages. Every task has ``n`` cells
+(the search space uses n = P); cell i of task t is five tokens
+
+    input_a, input_b, op_a, op_b, aggregator        cell = aggregator(op_a(loc[input_a]), op_b(loc[input_b]))
+
+so the whole genotype is a sequence of 5·n·T integers (``Genotype.sequence``), task-major, cells in order.
+
+Locations (``loc``) are numbered globally. 0..P-1 are the encoder stages (each task reads them through its own
+1x1 conv + BN + ReLU stem to the cell width). Cell i of task t is location P + t·n + i. Cell i of task t may read
+every location generated before it: the stages, all cells of tasks 0..t-1, and its own cells 0..i-1 (the
+paper's hierarchical, cross-task order, Fig. 2d).
+
+Resolution: cell i works at the resolution of stage ``cell_stage(i) = max(0, P - n + i)``; with n = P cell i
+sits on stage i, so the cells follow the encoder's hierarchy and the last one sits on the deepest stage. An input
+finer than the cell is average-pooled down stage by stage (as the encoder's strides do), a coarser one is
+bilinearly upsampled to the cell. The rule depends on the cell index only, never on the genotype, so every
+genotype of a space has the same shapes and one compiled function serves them all.
+
+Output: the aux module of task t predicts from every location of its own (its P stems and its n cells) that no
+later cell of task t reads (Nekrasov et al.: unused cells are concatenated), brought down to the deepest stage,
+concatenated, then a 3x3 conv + BN + ReLU and a 1x1 conv. Stems count too, so nothing a task computes is dead.
+
+The paper's basic module (Eq. 2, 1x1 adaptors = the stems) is a genotype of this space (``basic_genotype``):
+with ``concat`` it is the genotype with no cells (the head reads every stem); with ``sum`` it is P-1 cells
+``(previous, stage p, skip, skip, sum)`` along the hierarchy.
+
+JSON file (``Genotype.save`` / ``load_genotype``); the token integers index the file's own vocabularies::
+
+    {"format": "auxmtl_jax.genotype/1",
+     "operations": ["sep_conv3x3", "conv1x1", "sep_conv3x3_dil3", "sep_conv3x3_dil6", "skip", "deform_conv3x3"],
+     "aggregators": ["sum", "concat"],
+     "tasks": ["segmentation", "depth"], "stages": ["stage2", "stage3", "stage4", "stage5"],
+     "cells": {"segmentation": [[0, 1, 1, 4, 0], ...], "depth": [...]}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "auxmtl_jax.genotype/1"
+# The adaptor operations of the search space (paper Sec. 3.2) and the two aggregators; every one outputs the
+# cell width at the cell's resolution.
+OPERATIONS = ("sep_conv3x3", "conv1x1", "sep_conv3x3_dil3", "sep_conv3x3_dil6", "skip", "deform_conv3x3")
+AGGREGATORS = ("sum", "concat")
+TOKENS = ("input_a", "input_b", "op_a", "op_b", "aggregator")
+TASKS = ("segmentation", "depth", "normal")
+
+Cell = tuple[int, int, int, int, int]
+
+
+class GenotypeError(ValueError):
+    """A genotype that is malformed or does not fit the model; the message names the file, cell and token."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSpace:
+    """The shape of a search space: which tasks (in location order), which stages, how many cells per task."""
+
+    tasks: tuple[str, ...]
+    stages: tuple[str, ...]
+    cells_per_task: int
+
+    @property
+    def num_locations(self) -> int:
+        """Stages plus every cell of every task."""
+        return len(self.stages) + len(self.tasks) * self.cells_per_task
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens in a genotype of this space: 5·n·T."""
+        return len(TOKENS) * self.cells_per_task * len(self.tasks)
+
+    def cell_location(self, task_index: int, cell_index: int) -> int:
+        """The global location number of a cell."""
+        return len(self.stages) + task_index * self.cells_per_task + cell_index
+
+    def readable_locations(self, task_index: int, cell_index: int) -> int:
+        """How many locations (0..k-1) cell ``cell_index`` of task ``task_index`` may read."""
+        return self.cell_location(task_index, cell_index)
+
+    def cell_stage(self, cell_index: int) -> int:
+        """Index of the stage whose resolution the cell works at (the cells follow the encoder hierarchy)."""
+        return max(0, len(self.stages) - self.cells_per_task + cell_index)
+
+    def location_stage(self, location: int) -> int:
+        """Index of the stage whose resolution a location has."""
+        if location < len(self.stages):
+            return location
+        return self.cell_stage((location - len(self.stages)) % self.cells_per_task)
+
+    def location_name(self, location: int) -> str:
+        """'stage3' for a stage, 'depth.cell2' for cell 2 of depth."""
+        if location < len(self.stages):
+            return self.stages[location]
+        task_index, cell_index = divmod(location - len(self.stages), self.cells_per_task)
+        return f"{self.tasks[task_index]}.cell{cell_index}"
+
+    def check_fits(self, *, tasks: Sequence[str], stages: Sequence[str], source: str = "genotype") -> None:
+        """Refuse a genotype whose tasks are not main tasks of the model or whose stages the encoder does not sow."""
+        foreign_tasks = [task for task in self.tasks if task not in tasks]
+        if foreign_tasks:
+            raise GenotypeError(f"{source}: task(s) {foreign_tasks} are not main tasks of this model {tuple(tasks)}")
+        foreign_stages = [stage for stage in self.stages if stage not in stages]
+        if foreign_stages:
+            raise GenotypeError(f"{source}: stage(s) {foreign_stages} are not sown by this encoder; it sows "
+                                f"{tuple(stages)}")
+        order = [stages.index(stage) for stage in self.stages]
+        if order != sorted(order):
+            raise GenotypeError(f"{source}: stages {list(self.stages)} must be listed shallow to deep, as the "
+                                f"encoder sows them {tuple(stages)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Genotype:
+    """Validated auxiliary cells for every task; tokens use this module's ``OPERATIONS`` / ``AGGREGATORS``."""
+
+    tasks: tuple[str, ...]
+    stages: tuple[str, ...]
+    cells: tuple[tuple[Cell, ...], ...]  # [task][cell] -> (input_a, input_b, op_a, op_b, aggregator)
+
+    def __post_init__(self):
+        validate_cells(self.tasks, self.stages, self.cells, source="Genotype")
+
+    @property
+    def space(self) -> CellSpace:
+        return CellSpace(self.tasks, self.stages, len(self.cells[0]) if self.cells else 0)
+
+    def task_cells(self, task: str) -> tuple[Cell, ...]:
+        return self.cells[self.tasks.index(task)]
+
+    def as_array(self) -> np.ndarray:
+        """int32 [T, n, 5]: the form a traced (searchable) aux module takes as data."""
+        return np.asarray(self.cells, np.int32).reshape(len(self.tasks), self.space.cells_per_task, len(TOKENS))
+
+    def sequence(self) -> tuple[int, ...]:
+        """The flat 5·n·T token sequence (task-major, cells in order), as the controller emits it."""
+        return tuple(int(token) for token in self.as_array().reshape(-1))
+
+    @classmethod
+    def from_sequence(cls, space: CellSpace, tokens: Sequence[int]) -> Genotype:
+        """Inverse of ``sequence`` for a given space (validated)."""
+        if len(tokens) != space.sequence_length:
+            raise GenotypeError(f"token sequence: expected {space.sequence_length} tokens (5 x {space.cells_per_task} "
+                                f"cells x {len(space.tasks)} tasks), got {len(tokens)}")
+        array = np.asarray(tokens, np.int64).reshape(len(space.tasks), space.cells_per_task, len(TOKENS))
+        return cls(space.tasks, space.stages, _cells_from_array(array))
+
+    @classmethod
+    def from_array(cls, space: CellSpace, array: Any) -> Genotype:
+        """Inverse of ``as_array`` for a given space (validated)."""
+        array = np.asarray(array)
+        expected = (len(space.tasks), space.cells_per_task, len(TOKENS))
+        if array.shape != expected:
+            raise GenotypeError(f"genotype array: expected shape {expected}, got {array.shape}")
+        return cls(space.tasks, space.stages, _cells_from_array(array))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "operations": list(OPERATIONS), "aggregators": list(AGGREGATORS),
+                "tasks": list(self.tasks), "stages": list(self.stages),
+                "cells": {task: [list(cell) for cell in cells] for task, cells in zip(self.tasks, self.cells)}}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON file atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as stream:
+                json.dump(self.to_json_dict(), stream, indent=1)
+                stream.write("\n")
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+def _cells_from_array(array: np.ndarray) -> tuple[tuple[Cell, ...], ...]:
+    return tuple(tuple(tuple(int(token) for token in cell) for cell in cells) for cells in array)
+
+
+def validate_cells(tasks: Sequence[str], stages: Sequence[str], cells: Sequence[Sequence[Sequence[int]]], *,
+                   source: str) -> None:
+    """One GenotypeError for the first problem: names the source, the task's cell and the token."""
+    if not isinstance(tasks, tuple) or not tasks or any(task not in TASKS for task in tasks):
+        raise GenotypeError(f"{source}: tasks must be a non-empty list of {TASKS}, got {list(tasks)}")
+    if len(set(tasks)) != len(tasks):
+        raise GenotypeError(f"{source}: tasks {list(tasks)} repeat a task")
+    if (not isinstance(stages, tuple) or not stages or any(not isinstance(stage, str) for stage in stages)
+            or len(set(stages)) != len(stages)):
+        raise GenotypeError(f"{source}: stages must be a non-empty list of distinct stage names, got {stages!r}")
+    if len(cells) != len(tasks):
+        raise GenotypeError(f"{source}: cells for {len(cells)} task(s), but {len(tasks)} task(s) {list(tasks)}")
+    counts = {task: len(task_cells) for task, task_cells in zip(tasks, cells)}
+    if len(set(counts.values())) > 1:
+        raise GenotypeError(f"{source}: every task needs the same number of cells, got {counts}")
+    space = CellSpace(tuple(tasks), tuple(stages), len(cells[0]))
+    for task_index, (task, task_cells) in enumerate(zip(tasks, cells)):
+        for cell_index, cell in enumerate(task_cells):
+            where = f"{source}: cells[{task!r}][{cell_index}]"
+            if (isinstance(cell, (str, bytes)) or not isinstance(cell, Sequence)
+                    or len(cell) != len(TOKENS)):
+                raise GenotypeError(f"{where}: expected {len(TOKENS)} integers {list(TOKENS)}, got {cell!r}")
+            for token_name, token in zip(TOKENS, cell):
+                if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                    raise GenotypeError(f"{where} {token_name}: expected an integer, got {token!r}")
+            readable = space.readable_locations(task_index, cell_index)
+            for token_name, location in zip(TOKENS[:2], cell[:2]):
+                if not 0 <= location < readable:
+                    names = ", ".join(f"{index}={space.location_name(index)}" for index in range(readable))
+                    raise GenotypeError(f"{where} {token_name}={location}: points at a location not generated yet; "
+                                        f"this cell may read locations 0..{readable - 1} ({names})")
+            for token_name, token in zip(TOKENS[2:4], cell[2:4]):
+                if not 0 <= token < len(OPERATIONS):
+                    raise GenotypeError(f"{where} {token_name}={token}: unknown operation; expected 0..{len(OPERATIONS) - 1}"
+                                        f" {list(OPERATIONS)}")
+            if not 0 <= cell[4] < len(AGGREGATORS):
+                raise GenotypeError(f"{where} aggregator={cell[4]}: unknown aggregator; expected 0..{len(AGGREGATORS) - 1}"
+                                    f" {list(AGGREGATORS)}")
+
+
+def genotype_from_json_dict(data: Any, *, source: str = "genotype") -> Genotype:
+    """Validate a parsed JSON genotype, translating the file's vocabularies to ``OPERATIONS`` / ``AGGREGATORS``."""
+    if not isinstance(data, Mapping):
+        raise GenotypeError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    required = ("format", "operations", "aggregators", "tasks", "stages", "cells")
+    missing = [key for key in required if key not in data]
+    unknown = [key for key in data if key not in required]
+    if missing or unknown:
+        raise GenotypeError(f"{source}: missing key(s) {missing} / unknown key(s) {unknown}; expected exactly "
+                            f"{list(required)}")
+    if data["format"] != FORMAT:
+        raise GenotypeError(f"{source}: format {data['format']!r}; expected {FORMAT!r}")
+    op_map = _vocabulary_map(data["operations"], OPERATIONS, "operations", source)
+    aggregator_map = _vocabulary_map(data["aggregators"], AGGREGATORS, "aggregators", source)
+    tasks, stages, cells = data["tasks"], data["stages"], data["cells"]
+    if not isinstance(tasks, list) or not isinstance(stages, list):
+        raise GenotypeError(f"{source}: tasks and stages must be lists, got {tasks!r} and {stages!r}")
+    if not isinstance(cells, Mapping) or list(cells) != list(tasks):
+        listed = list(cells) if isinstance(cells, Mapping) else type(cells).__name__
+        raise GenotypeError(f"{source}: cells must be an object with one entry per task, in the order of tasks "
+                            f"{tasks}; got {listed}")
+    raw = [cells[task] if isinstance(cells[task], list) else None for task in tasks]
+    for task, task_cells in zip(tasks, raw):
+        if task_cells is None:
+            raise GenotypeError(f"{source}: cells[{task!r}] must be a list of cells, got {cells[task]!r}")
+    # Structure first, operation/aggregator tokens against the file's own lists; locations are checked last.
+    translated = []
+    for task, task_cells in zip(tasks, raw):
+        rows = []
+        for cell_index, cell in enumerate(task_cells):
+            where = f"{source}: cells[{task!r}][{cell_index}]"
+            if not isinstance(cell, list) or len(cell) != len(TOKENS):
+                raise GenotypeError(f"{where}: expected {len(TOKENS)} integers {list(TOKENS)}, got {cell!r}")
+            for token_name, token in zip(TOKENS, cell):
+                if isinstance(token, bool) or not isinstance(token, int):
+                    raise GenotypeError(f"{where} {token_name}: expected an integer, got {token!r}")
+            rows.append((cell[0], cell[1], _translate(cell[2], op_map, data["operations"], where, "op_a"),
+                         _translate(cell[3], op_map, data["operations"], where, "op_b"),
+                         _translate(cell[4], aggregator_map, data["aggregators"], where, "aggregator")))
+        translated.append(tuple(rows))
+    try:
+        return Genotype(tuple(tasks), tuple(stages), tuple(translated))
+    except GenotypeError as error:
+        raise GenotypeError(str(error).replace("Genotype:", f"{source}:", 1)) from None
+
+
+def _vocabulary_map(names: Any, known: tuple[str, ...], key: str, source: str) -> list[int]:
+    if not isinstance(names, list) or not names or any(not isinstance(name, str) for name in names):
+        raise GenotypeError(f"{source}: {key} must be a non-empty list of names from {list(known)}, got {names!r}")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise GenotypeError(f"{source}: {key} {unknown} unknown; this space has {list(known)}")
+    return [known.index(name) for name in names]
+
+
+def _translate(token: int, mapping: list[int], names: list[str], where: str, token_name: str) -> int:
+    if not 0 <= token < len(mapping):
+        raise GenotypeError(f"{where} {token_name}={token}: no such entry in the file's list {names} "
+                            f"(0..{len(mapping) - 1})")
+    return mapping[token]
+
+
+def load_genotype(path: str | os.PathLike) -> Genotype:
+    """Read and validate a genotype JSON file; every problem is one GenotypeError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise GenotypeError(f"genotype file {str(path)!r}: cannot read it ({error.strerror or error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise GenotypeError(f"genotype file {str(path)!r}: not valid JSON ({error})") from None
+    return genotype_from_json_dict(data, source=f"genotype file {str(path)!r}")
+
+
+def basic_genotype(tasks: Sequence[str], stages: Sequence[str], aggregate: str) -> Genotype:
+    """Paper Eq. 2 (1x1 adaptors along the hierarchy) as a genotype: see the module docstring."""
+    if aggregate not in AGGREGATORS:
+        raise GenotypeError(f"aggregate: {aggregate!r}; expected one of {AGGREGATORS}")
+    tasks, stages = tuple(tasks), tuple(stages)
+    if aggregate == "concat":
+        return Genotype(tasks, stages, tuple(() for _ in tasks))
+    space = CellSpace(tasks, stages, len(stages) - 1)
+    skip, total = OPERATIONS.index("skip"), AGGREGATORS.index("sum")
+    cells = []
+    for task_index in range(len(tasks)):
+        rows = []
+        for cell_index in range(space.cells_per_task):
+            previous = 0 if cell_index == 0 else space.cell_location(task_index, cell_index - 1)
+            rows.append((previous, cell_index + 1, skip, skip, total))
+        cells.append(tuple(rows))
+    return Genotype(tasks, stages, tuple(cells))
+
+
+def consumed_locations(space: CellSpace, task_index: int, task_cells: Sequence[Cell]) -> set[int]:
+    """Locations of task ``task_index`` (its stages and cells) read by one of its own cells."""
+    return {location for cell in task_cells for location in cell[:2]}
+
+
+def output_locations(space: CellSpace, task_index: int, task_cells: Sequence[Cell]) -> list[int]:
+    """The locations the aux head of the task reads: its stages and cells that none of its own cells reads."""
+    own = list(range(len(space.stages))) + [space.cell_location(task_index, index)
+                                             for index in range(space.cells_per_task)]
+    consumed = consumed_locations(space, task_index, task_cells)
+    return [location for location in own if location not in consumed]
+
+def random_genotype(space: CellSpace, rng: np.random.Generator) -> Genotype:
+    """A genotype drawn uniformly token by token among each token's valid choices (a baseline and test helper)."""
+    cells = []
+    for task_index in range(len(space.tasks)):
+        rows = []
+        for cell_index in range(space.cells_per_task):
+            readable = space.readable_locations(task_index, cell_index)
+            rows.append((int(rng.integers(readable)), int(rng.integers(readable)), int(rng.integers(len(OPERATIONS))),
+                         int(rng.integers(len(OPERATIONS))), int(rng.integers(len(AGGREGATORS)))))
+        cells.append(tuple(rows))
+    return Genotype(space.tasks, space.stages, tuple(cells))

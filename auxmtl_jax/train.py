@@ -35,6 +35,7 @@ from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax.models import MultiTaskModel, build_model
 
 log = logging.getLogger("auxmtl_jax")
+AUX_GENOTYPE = "aux_genotype.json"  # the Auxi-NAS genotype a run trains, written next to config.json
 RESULTS_FILE = "results.json"
 RESULTS_TABLE = "results.txt"
 COMPARISON_TABLE = "comparison.txt"
@@ -410,6 +411,20 @@ def create_sharded_train_state(config, model: MultiTaskModel, mesh: Mesh):
     return jax.device_put(state, state_sharding), state_sharding, tx, learning_rate_fn
 
 
+def check_workdir_genotype(workdir: epath.Path, model: MultiTaskModel, *, resume_step: int) -> None:
+    """Keeps a copy of the trained genotype in WORKDIR/aux_genotype.json; a resumed run must train the same one."""
+    from auxmtl_jax import nas
+
+    genotype, record = model.aux_genotype, workdir / AUX_GENOTYPE
+    if resume_step and record.exists():
+        recorded = nas.load_genotype(record)
+        if recorded != genotype:
+            raise ValueError(f"{workdir} was trained with the genotype in {record}, but aux.genotype now names a "
+                             "different one; train it in a new workdir (or restore the genotype file).")
+    elif genotype is not None and jax.process_index() == 0:
+        genotype.save(record)
+
+
 def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results."""
     dataset, model, mesh = prepare_run(config)
@@ -419,6 +434,7 @@ def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict
     try:
         start_step = checkpointer.latest_step() or 0
         checkpoint_lib.check_workdir_config(workdir, config, resume_step=start_step)
+        check_workdir_genotype(workdir, model, resume_step=start_step)
         state, state_sharding, tx, learning_rate_fn = create_sharded_train_state(config, model, mesh)
         train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
                                                           global_batch_size=config.batch_size, seed=config.seed)

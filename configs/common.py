@@ -15,6 +15,9 @@ Strategies are settings of orthogonal fields, never separate code paths:
 | `prior:<workdir>`   | `init_from.path = workdir` (its `main` encoder initialises ours)  |
 | `auxi:<task>`       | `aux.tasks = (task,)`                                             |
 | `auxi_all`          | `aux.tasks = tasks`                                               |
+| `auxi_nas:<file>`   | `aux.genotype = file` (a genotype JSON; it sets the aux tasks and stages) |
+
+Example: `--config=configs/synthetic_three_task.py:strategy=auxi_nas:configs/genotypes/example_three_task.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 TASK_NAMES = ("segmentation", "depth", "normal")
-STRATEGIES = ("single", "joint", "kendall", "deep_supervision", "prior", "auxi", "auxi_all")
+STRATEGIES = ("single", "joint", "kendall", "deep_supervision", "prior", "auxi", "auxi_all", "auxi_nas")
 
 # Keys a variant string may set, mapped to the config field they write. `strategy` is handled separately.
 VARIANT_KEYS = {
@@ -85,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.aux.resolution = "hierarchy"
     config.aux.channels = 64
     config.aux.weight = 1.0
+    # Auxi-NAS: a genotype JSON file (auxmtl_jax.nas.genotype). Its cells replace the basic module; its tasks and
+    # stages become the aux tasks and features (leave aux.tasks / aux.features empty or equal to them).
+    config.aux.genotype = ml_collections.config_dict.placeholder(str)
 
     config.deep_supervision = ml_collections.ConfigDict()
     config.deep_supervision.tasks = ()
@@ -175,15 +181,16 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_colle
     name, _, argument = strategy.partition(":")
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)} "
-                         "(single and auxi take ':<task>', prior takes ':<workdir>').")
-    needs_argument = name in ("single", "auxi", "prior")
-    if needs_argument != bool(argument):
-        form = f"{name}:<{'workdir' if name == 'prior' else 'task'}>" if needs_argument else name
+                         "(single and auxi take ':<task>', prior takes ':<workdir>', auxi_nas takes ':<genotype.json>').")
+    arguments = {"single": "task", "auxi": "task", "prior": "workdir", "auxi_nas": "genotype.json"}
+    if (name in arguments) != bool(argument):
+        form = f"{name}:<{arguments[name]}>" if name in arguments else name
         raise ValueError(f"Strategy {strategy!r} must be written as {form!r}.")
     if name in ("single", "auxi") and argument not in config.tasks:
         raise ValueError(f"Strategy {strategy!r}: task {argument!r} is not among config.tasks {tuple(config.tasks)}.")
-    config.name = strategy.replace(":", "_") if name != "prior" else "prior"
+    config.name = strategy.replace(":", "_") if name not in ("prior", "auxi_nas") else name
     config.aux.tasks = ()
+    config.aux.genotype = None
     config.deep_supervision.tasks = ()
     config.loss_weighting = "equal"
     config.init_from.path = None
@@ -199,6 +206,9 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_colle
         config.aux.tasks = (argument,)
     elif name == "auxi_all":
         config.aux.tasks = tuple(config.tasks)
+    elif name == "auxi_nas":
+        config.aux.genotype = argument
+        config.aux.features = ()
     return config
 
 

@@ -1,12 +1,15 @@
 """Configs: variant strings, strategies as field settings, and every strategy of every config training 2 steps."""
 
 import importlib
+import json
+from pathlib import Path
 
 import pytest
 
 from auxmtl_jax import train
 from auxmtl_configs import common
 
+EXAMPLE_GENOTYPE = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "example_three_task.json"
 CONFIG_MODULES = ("synthetic_three_task", "sunrgbd_three_task", "nyuv2_two_task", "nyuv2_three_task")
 
 
@@ -41,12 +44,18 @@ def test_strategies_set_orthogonal_fields():
     assert config.loss_weighting == "kendall" and config.aux.tasks == ()
     config = get_config("nyuv2_two_task", "strategy=prior:/runs/depth")
     assert config.init_from.path == "/runs/depth"
+    config = get_config("synthetic_three_task", f"strategy=auxi_nas:{EXAMPLE_GENOTYPE}")
+    assert (config.aux.genotype, config.aux.tasks, config.aux.features) == (str(EXAMPLE_GENOTYPE), (), ())
+    assert config.name == "auxi_nas"
+    config = get_config("synthetic_three_task", f"strategy=auxi_nas:{EXAMPLE_GENOTYPE},strategy=auxi_all")
+    assert config.aux.genotype is None and config.aux.tasks == tuple(config.tasks)
 
 
 @pytest.mark.parametrize("arg, message", [
     ("strategy=auxi:height", r"task 'height' is not among config\.tasks"),
     ("strategy=mtan", r"Unknown strategy 'mtan'"),
     ("strategy=single", r"must be written as 'single:<task>'"),
+    ("strategy=auxi_nas", r"must be written as 'auxi_nas:<genotype\.json>'"),
     ("decoder", r"is not of the form key=value"),
     ("colour=red", r"Unknown config variant key 'colour'"),
     ("width=wide", r"model\.width_multiplier='wide': expected a value of type float"),
@@ -98,3 +107,39 @@ def test_architecture_variants_train_two_steps(variant, data_dir, tmp_path):
     config = on_tiny_data(get_config("nyuv2_two_task", f"runlocal,strategy=auxi_all,{variant}"), data_dir)
     record = train.train_and_evaluate(config, str(tmp_path))
     assert set(record["metrics"]) == {"segmentation", "depth"}
+
+
+def test_auxi_nas_trains_evaluates_resumes_and_keeps_its_genotype(data_dir, tmp_path):
+    """The README's Auxi-NAS run: trains the example genotype with two evaluations and checkpoints, exports `main`
+    only, records the genotype; resuming with a changed genotype file is refused, a bad one fails before any
+    output."""
+    from auxmtl_jax import checkpoint as checkpoint_lib
+    from auxmtl_jax import nas
+
+    genotype_file = tmp_path / "genotype.json"
+    genotype_file.write_text(EXAMPLE_GENOTYPE.read_text())
+    config = on_tiny_data(get_config("synthetic_three_task", f"runlocal,strategy=auxi_nas:{genotype_file}"),
+                          data_dir)
+    config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 4, 2, 2
+    workdir = tmp_path / "run"
+    record = train.train_and_evaluate(config, str(workdir))
+    assert set(record["metrics"]) == set(config.tasks)
+    assert nas.load_genotype(workdir / train.AUX_GENOTYPE) == nas.load_genotype(EXAMPLE_GENOTYPE)
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {f"aux_loss/{task}" for task in config.tasks} <= set().union(*logged)
+    assert [line["step"] for line in logged if line["kind"] == "eval"] == [2, 4]
+    exported = checkpoint_lib.load_inference_variables(workdir / checkpoint_lib.INFERENCE_DIR)
+    assert set(exported["params"]) == {"encoder", *(f"{task}_decoder" for task in config.tasks)}
+
+    changed = json.loads(genotype_file.read_text())
+    changed["cells"]["depth"][0][2] = 4
+    genotype_file.write_text(json.dumps(changed))
+    config.num_train_steps = 6
+    config.accept_changed_keys = "num_train_steps"
+    with pytest.raises(ValueError, match=r"trained with the genotype in .*aux_genotype\.json.*different one"):
+        train.train_and_evaluate(config, str(workdir))
+
+    genotype_file.write_text("{}")
+    with pytest.raises(nas.GenotypeError, match=r"aux.genotype '.*genotype\.json'|genotype file '.*genotype\.json'"):
+        train.train_and_evaluate(config, str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()

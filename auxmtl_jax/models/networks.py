@@ -119,6 +119,14 @@ class MultiTaskModel:
         return cells[0].space if cells else None
 
     @property
+    def aux_genotype(self) -> Genotype | None:
+        """The genotype of static Auxi-NAS aux modules (None otherwise)."""
+        space = self.aux_space
+        if space is None or self.aux_searchable:
+            return None
+        return Genotype(space.tasks, space.stages, tuple(module.cells for _, module in self.aux_modules))
+
+    @property
     def aux_searchable(self) -> bool:
         """True when the aux cells take the genotype as data (``apply(..., genotype=...)``)."""
         return any(isinstance(module, AuxiliaryCells) and module.searchable for _, module in self.aux_modules)

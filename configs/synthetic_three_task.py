@@ -9,6 +9,11 @@ One strategy only, or the small smoke-test size:
 
   python run.py --config=configs/synthetic_three_task.py:strategy=auxi_all --workdir=workdirs/demo_auxi
   python run.py --config=configs/synthetic_three_task.py:runlocal --workdir=/tmp/smoke
+
+A searched (or hand-written) Auxi-NAS genotype instead of the basic aux module:
+
+  python run.py --config=configs/synthetic_three_task.py:strategy=auxi_nas:configs/genotypes/example_three_task.json \
+    --workdir=workdirs/demo_nas
 """
 
 from auxmtl_configs import common

@@ -369,3 +369,19 @@ def test_gradients_keep_genotype_aux_and_main_paths_apart(build, batch):
     assert np.any(depth_only["cell1"]["path_a"]["sep_conv3x3_dil6"]["pointwise"]["conv"]["kernel"])
     assert np.any(depth_only["cell0"]["path_a"]["deform_conv3x3"]["conv"]["offsets"]["kernel"])
     assert not any(np.any(leaf) for leaf in jax.tree.leaves(depth_only["head"]))
+
+
+def test_a_population_of_genotypes_runs_under_vmap(batch):
+    """The search trains several candidates at once: params and genotypes stacked on a leading axis, one vmap."""
+    model = nas_model(SMALL_SPACE)
+    genotypes = np.stack([SMALL_GENOTYPE.as_array(),
+                          nas.random_genotype(SMALL_SPACE, np.random.default_rng(5)).as_array()])
+    population = [random_variables(model, batch["image"], seed=seed) for seed in (0, 1)]
+    variables = jax.tree.map(lambda *leaves: jnp.stack(leaves), *population)
+    apply = jax.jit(jax.vmap(lambda v, g: model.apply(v, batch["image"], train=False, genotype=g)[0].aux))
+    together = apply(variables, genotypes)
+    single = jitted_apply(model, train=False)
+    for index in range(2):
+        alone = single(population[index], batch["image"], genotypes[index])[0].aux
+        for task in SMALL_SPACE.tasks:
+            np.testing.assert_allclose(together[task][index], alone[task], rtol=1e-4, atol=1e-5)

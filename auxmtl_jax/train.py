@@ -149,10 +149,14 @@ def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict
     return params, batch_stats
 
 
-def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch) -> tuple[dict, dict]:
-    """Named loss terms of one batch (`loss/<task>`, weighted `aux_loss/<task>`, `ds_loss/<task>`) and new BN stats."""
+def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
+               genotype: jax.Array | None = None) -> tuple[dict, dict]:
+    """Named loss terms of one batch (`loss/<task>`, weighted `aux_loss/<task>`, `ds_loss/<task>`) and new BN stats.
+
+    `genotype` is the int array a searchable Auxi-NAS model takes (None otherwise).
+    """
     outputs, new_batch_stats = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                           train=True)
+                                           train=True, genotype=genotype)
     terms = {f"loss/{task}": tasks_lib.task_loss(task, prediction, batch)
              for task, prediction in outputs.main.items()}
     for task, prediction in outputs.aux.items():
@@ -163,13 +167,16 @@ def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch) -> tup
     return terms, new_batch_stats
 
 
-def train_step(state: TrainState, batch, *, model: MultiTaskModel, config, tx: optax.GradientTransformation,
-               learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict]:
-    """One SGD step on a global batch; returns the new state and the step's scalar metrics."""
+def train_step(state: TrainState, batch, genotype: jax.Array | None = None, *, model: MultiTaskModel, config,
+               tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict]:
+    """One SGD step on a global batch; returns the new state and the step's scalar metrics.
+
+    `genotype`: the int array of a searchable Auxi-NAS model (the search trains many genotypes with one step).
+    """
     weighting = weighting_lib.get_weighting(config.loss_weighting)
 
     def terms_fn(params):
-        return loss_terms(model, config, params, state.batch_stats, batch)
+        return loss_terms(model, config, params, state.batch_stats, batch, genotype)
 
     (total, (terms, new_batch_stats)), grads = weighting.value_and_grad(terms_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -337,9 +337,13 @@ def validate_config(config) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains and evaluates one run, or every run of a sweep (`config.runs`); returns the results record(s)."""
+    """Trains and evaluates one run, every run of a sweep (`config.runs`), or an Auxi-NAS search (`config.search`)."""
     parallel.initialize_distributed(config.distributed)
     workdir = epath.Path(workdir)
+    if config.get("search"):
+        from auxmtl_jax.nas import search
+
+        return search.run_search(config, workdir)
     if config.get("runs"):
         return train_sweep(config, workdir)
     return train_single(config, workdir)

@@ -1,0 +1,247 @@
+"""The Auxi-NAS search loop (paper Sec. 3.2): sample genotypes, train them briefly, score them, update by PPO.
+
+One generation: the controller samples ``search.population`` genotypes (a pure function of the seed, the
+generation and the controller's parameters); all are trained at once from the same starting state by one compiled
+population step (``population.py``) on the meta-train split (``train[:f]``), for ``search.steps[0]`` steps; each
+is scored on the meta-val split (``train[f:]``; the test split is never read) with `main`'s Polyak-averaged
+weights. Candidates whose score falls below ``search.termination_fraction`` x the running mean of earlier
+first-stage scores stop there (progressive early termination, Nekrasov et al.); the others train
+``search.steps[1]`` more steps and are scored again. The rewards (``reward.py``) update the controller by PPO.
+
+Every generation starts the meta-train iterator afresh from the same seed, so all candidates see the same
+batches. The workdir holds ``search.jsonl`` (a line per candidate), ``best_genotype.json`` and orbax checkpoints of
+the controller/PPO state after each generation; re-running the same command resumes after the last complete
+generation and samples exactly the genotypes an uninterrupted search would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import input_pipeline
+from auxmtl_jax import train as train_lib
+from auxmtl_jax.models import build_model
+from auxmtl_jax.nas import population as population_lib
+from auxmtl_jax.nas import ppo as ppo_lib
+from auxmtl_jax.nas import reward as reward_lib
+from auxmtl_jax.nas.controller import Controller
+from auxmtl_jax.nas.genotype import CellSpace
+
+log = logging.getLogger("auxmtl_jax")
+SEARCH_LOG = "search.jsonl"
+BEST_GENOTYPE = "best_genotype.json"
+SEARCH_CHECKPOINTS = checkpoint_lib.CHECKPOINT_DIR  # controller/PPO state after each generation
+
+
+def search_space(config, stage_names: tuple[str, ...]) -> CellSpace:
+    """The space of ``config.search``: its tasks and stages (all sown stages when empty), n = P by default."""
+    stages = tuple(config.search.stages) or stage_names
+    missing = [stage for stage in stages if stage not in stage_names]
+    if missing:
+        raise ValueError(f"search.stages: {missing} are not sown by this encoder; it sows {stage_names}")
+    cells = config.search.cells_per_task or len(stages)
+    return CellSpace(tuple(config.search.tasks or config.tasks), stages, int(cells))
+
+
+def meta_splits(config) -> tuple[str, str]:
+    """Deterministic meta-train / meta-val slices of the dataset's train split."""
+    fraction = config.search.meta_train_fraction
+    if not 0 < fraction < 1:
+        raise ValueError(f"search.meta_train_fraction={fraction!r}; expected a fraction in (0, 1)")
+    percent = round(100 * fraction)
+    split = config.dataset.train_split
+    return f"{split}[:{percent}%]", f"{split}[{percent}%:]"
+
+
+def ppo_config(config) -> ppo_lib.PPOConfig:
+    return ppo_lib.PPOConfig(**config.search.ppo.to_dict())
+
+
+@dataclasses.dataclass
+class _Search:
+    """Everything one search run compiles and reuses across generations."""
+
+    config: Any
+    controller: Controller
+    model: Any
+    start: train_lib.TrainState
+    step_fn: Any
+    eval_fn: Any
+    sample_fn: Any
+    meta_train: Any
+    meta_val: Any
+    num_classes: int | None
+
+
+def _prepare(config) -> _Search:
+    train_lib.validate_config(config)
+    input_pipeline.prepare_dataset(config.dataset)
+    dataset = input_pipeline.dataset_info(config.dataset)
+    meta_train_split, meta_val_split = meta_splits(config)
+    channels = train_lib.task_channels(config.tasks, dataset.num_classes)
+    probe = build_model(config.model, channels)
+    space = search_space(config, probe.stage_names)
+    model = build_model(config.model, channels, aux_cfg=SimpleNamespace(genotype=space, channels=config.aux.channels))
+    lr_fn = train_lib.create_learning_rate_fn(config.optimizer, sum(config.search.steps))
+    start, tx = train_lib.create_train_state(config, model, jax.random.key(config.seed), lr_fn)
+    step_fn = jax.jit(functools.partial(population_lib.population_train_step, model=model, config=config, tx=tx,
+                                        learning_rate_fn=lr_fn, polyak_decay=config.search.polyak_decay))
+    eval_fn = jax.jit(functools.partial(population_lib.population_eval_step, model=model))
+    controller = Controller(space, hidden_size=config.search.controller.hidden_size,
+                            num_layers=config.search.controller.num_layers)
+    sample_fn = jax.jit(controller.sample_batch, static_argnums=2)
+    meta_train_cfg = config.dataset.copy_and_resolve_references()
+    meta_train_cfg.train_split = meta_train_split
+    meta_val_cfg = config.dataset.copy_and_resolve_references()
+    meta_val_cfg.eval_split = meta_val_split
+    meta_val = input_pipeline.create_eval_dataset(meta_val_cfg, config.input, tasks=tuple(config.tasks),
+                                                  global_batch_size=config.eval_batch_size)
+    return _Search(config, controller, model, start, step_fn, eval_fn, sample_fn, meta_train_cfg, meta_val,
+                   dataset.num_classes)
+
+
+def _score(search: _Search, population: population_lib.PopulationState) -> list[tuple[float, dict]]:
+    """(reward, metrics) of every candidate on the whole meta-val split."""
+    count = population.active.shape[0]
+    states = population_lib.empty_metric_states(tuple(search.config.tasks), search.num_classes, count)
+    for batch in search.meta_val:
+        states = search.eval_fn(population, states, batch)
+    results = []
+    for index in range(count):
+        metrics = population_lib.candidate_metrics(states, index)
+        results.append((reward_lib.reward(metrics), metrics))
+    return results
+
+
+def _train(search: _Search, population, batches, steps: int):
+    for _ in range(steps):
+        population, _ = search.step_fn(population, next(batches))
+    return population
+
+
+def run_generation(search: _Search, ppo_state: ppo_lib.PPOState, generation: int, reference: float):
+    """Samples, trains and scores one population; returns the PPO inputs, per-candidate records and the new
+    running reference for early termination."""
+    config = search.config.search
+    key = jax.random.fold_in(jax.random.key(search.config.seed), generation)
+    sampled = search.sample_fn(ppo_state.params, key, config.population)
+    tokens = np.asarray(sampled.tokens)
+    genotypes = [search.controller.genotype(row) for row in tokens]
+    started = time.perf_counter()
+    population = population_lib.start_population(search.start, np.stack([g.as_array() for g in genotypes]))
+    batches = input_pipeline.create_train_iterator(search.meta_train, search.config.input,
+                                                   tasks=tuple(search.config.tasks),
+                                                   global_batch_size=search.config.batch_size, seed=search.config.seed)
+    population = _train(search, population, batches, config.steps[0])
+    first = _score(search, population)
+    first_rewards = np.asarray([reward for reward, _ in first])
+    threshold = config.termination_fraction * reference if math.isfinite(reference) else -math.inf
+    survivors = first_rewards >= threshold
+    final = first
+    if config.steps[1] > 0 and survivors.any():
+        population = population.replace(active=jnp.asarray(survivors))
+        population = _train(search, population, batches, config.steps[1])
+        second = _score(search, population)
+        final = [second[index] if survivors[index] else first[index] for index in range(len(first))]
+    batches.close()
+    seconds = (time.perf_counter() - started) / len(genotypes)
+    mean_first = float(first_rewards.mean())
+    reference = mean_first if not math.isfinite(reference) else 0.9 * reference + 0.1 * mean_first
+    records = []
+    for index, genotype in enumerate(genotypes):
+        reward, metrics = final[index]
+        records.append({"candidate": generation * config.population + index, "generation": generation,
+                        "genotype": genotype.to_json_dict(), "reward": reward, "first_stage_reward": first[index][0],
+                        "metrics": metrics, "steps_trained": config.steps[0] + (config.steps[1] if survivors[index]
+                                                                                 else 0),
+                        "early_terminated": bool(not survivors[index] and config.steps[1] > 0),
+                        "seconds": seconds})
+    rewards = np.asarray([record["reward"] for record in records], np.float32)
+    return sampled, rewards, records, reference
+
+
+def run_search(config, workdir: str) -> dict:
+    """Runs (or resumes) the search in ``workdir``; returns the best candidate's record."""
+    workdir = epath.Path(workdir)
+    search = _prepare(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = ocp.CheckpointManager((workdir / SEARCH_CHECKPOINTS).absolute(),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    latest = manager.latest_step()
+    checkpoint_lib.check_workdir_config(workdir, config, resume_step=latest or 0)
+    ppo_settings = ppo_config(config)
+    ppo_state = ppo_lib.init_ppo_state(search.controller.init(jax.random.key(config.seed + 1)), ppo_settings,
+                                       search.controller)
+    generations = math.ceil(config.search.num_candidates / config.search.population)
+    generation, reference = 0, math.nan
+    if latest is not None:
+        template = {"ppo": ppo_state, "reference": np.zeros((), np.float32)}
+        restored = manager.restore(latest, args=ocp.args.StandardRestore(template))
+        ppo_state, reference, generation = restored["ppo"], float(restored["reference"]), latest
+        log.info("resumed the search in %s after generation %d", workdir, generation - 1)
+    records = _read_log(workdir, before_generation=generation)
+    from tqdm import tqdm
+
+    bar = tqdm(total=generations * config.search.population, initial=len(records), unit="candidate",
+               disable=not config.progress_bar)
+    started = time.perf_counter()
+    try:
+        for generation in range(generation, generations):
+            sampled, rewards, new_records, reference = run_generation(search, ppo_state, generation, reference)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), generation), 1)
+            ppo_state, _ = ppo_lib.update(ppo_state, sampled.tokens, sampled.log_prob, rewards, key, ppo_settings,
+                                          search.controller)
+            records += new_records
+            _append_log(workdir, new_records)
+            best = max(records, key=lambda record: record["reward"])
+            checkpoint_lib._write_text_atomic(workdir / BEST_GENOTYPE, json.dumps(best["genotype"], indent=1) + "\n")
+            manager.save(generation + 1, args=ocp.args.StandardSave({"ppo": ppo_state,
+                                                                     "reference": np.asarray(reference, np.float32)}))
+            manager.wait_until_finished()
+            hours = (time.perf_counter() - started) / 3600
+            bar.update(len(new_records))
+            bar.set_postfix(best=f"{best['reward']:.4f}",
+                            per_hour=f"{len(new_records) * (generation + 1 - (latest or 0)) / max(hours, 1e-9):.0f}")
+    finally:
+        bar.close()
+        manager.close()
+    return max(records, key=lambda record: record["reward"])
+
+
+def _read_log(workdir: epath.Path, *, before_generation: int) -> list[dict]:
+    """The candidates of complete generations; lines of a generation a kill interrupted are dropped."""
+    path = workdir / SEARCH_LOG
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("generation", math.inf) < before_generation:
+            kept.append(record)
+    checkpoint_lib._write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+    return kept
+
+
+def _append_log(workdir: epath.Path, records: list[dict]) -> None:
+    if jax.process_index() != 0:
+        return
+    with (workdir / SEARCH_LOG).open("a") as stream:
+        for record in records:
+            stream.write(json.dumps(record) + "\n")

@@ -1,0 +1,48 @@
+r"""Auxi-NAS search on the built-in `synthetic_scenes` demo data (paper Sec. 3.2; Nekrasov et al.'s procedure).
+
+Samples aux-module genotypes with an LSTM controller, trains each briefly on a meta-train slice of the train
+split (a population at once, one compilation), scores it on the meta-val slice, updates the controller by PPO.
+Writes WORKDIR/search.jsonl and WORKDIR/best_genotype.json; re-running resumes.
+
+  python run.py --config=configs/nas_search.py --workdir=workdirs/nas_search
+  python run.py --config=configs/synthetic_three_task.py:strategy=auxi_nas:workdirs/nas_search/best_genotype.json \
+    --workdir=workdirs/demo_nas_best
+  python run.py --config=configs/nas_search.py:runlocal --workdir=/tmp/nas_smoke   # seconds
+"""
+
+import ml_collections
+
+from auxmtl_configs import common
+from auxmtl_configs import synthetic_three_task
+
+
+def get_config(arg=None):
+    """The demo network and data with a `search` group; `arg` may start with `runlocal` (tiny, seconds)."""
+    runlocal, arg = common.split_runlocal(arg)
+    config = synthetic_three_task.get_config(arg)
+    config.name = "nas_search"
+    config.runs = None
+    config.analysis.figures = False
+    config.analysis.grad_log_every_steps = 0
+
+    config.search = ml_collections.ConfigDict()
+    config.search.tasks = ()  # () = config.tasks
+    config.search.stages = tuple(config.aux.features)  # () = every sown stage
+    config.search.cells_per_task = 0  # 0 = one cell per stage (the paper's P)
+    config.search.num_candidates = 120
+    config.search.population = 6  # candidates trained at once (vmapped; split over devices)
+    config.search.meta_train_fraction = 0.9
+    config.search.steps = (60, 60)  # proxy schedule: first stage, then survivors only
+    config.search.termination_fraction = 0.9  # survive with >= 0.9 x running mean of first-stage rewards
+    config.search.polyak_decay = 0.9
+    config.search.controller = ml_collections.ConfigDict({"hidden_size": 100, "num_layers": 2})
+    config.search.ppo = ml_collections.ConfigDict({
+        "learning_rate": 1e-4, "clip_epsilon": 0.1, "entropy_weight": 1e-4, "baseline_decay": 0.95,
+        "epochs": 1, "buffer_size": 100, "minibatch_size": 1, "max_grad_norm": 2.0})
+    if runlocal:
+        common.make_runlocal(config)
+        config.dataset.config = "tiny"
+        config.search.num_candidates = 4
+        config.search.population = 2
+        config.search.steps = (2, 1)
+    return config

@@ -1,0 +1,80 @@
+"""The search loop on the tiny dataset: it completes and writes its outputs, compiles its population step once,
+and a search killed after a generation resumes with the genotypes an uninterrupted search samples."""
+
+import importlib
+import json
+
+import pytest
+
+from auxmtl_jax import nas
+from auxmtl_jax import train
+from auxmtl_jax.nas import population as population_lib
+from auxmtl_jax.nas import search as search_lib
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def search_config(data_dir, num_candidates=6):
+    config = importlib.import_module("auxmtl_configs.nas_search").get_config("runlocal")
+    config.dataset.data_dir = data_dir
+    # a small space keeps the searchable network quick to compile
+    config.search.tasks = ("segmentation", "depth")
+    config.search.stages = ("stage4", "stage5")
+    config.search.num_candidates = num_candidates
+    config.search.population = 2
+    config.search.steps = (2, 1)
+    config.search.termination_fraction = 1.0  # about half of the later candidates stop after the first stage
+    return config
+
+
+def genotype_sequence(workdir):
+    return [json.dumps(json.loads(line)["genotype"]) for line in (workdir / search_lib.SEARCH_LOG).read_text()
+            .splitlines()]
+
+
+def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_dir, tmp_path, monkeypatch):
+    traces = []
+    step = population_lib.population_train_step
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(population_lib, "population_train_step", counted)
+    straight = tmp_path / "straight"
+    best = train.train_and_evaluate(search_config(data_dir), str(straight))
+    assert len(traces) == 1  # three generations, one compiled population step
+    lines = [json.loads(line) for line in (straight / search_lib.SEARCH_LOG).read_text().splitlines()]
+    assert [line["candidate"] for line in lines] == list(range(6))
+    assert {"genotype", "reward", "metrics", "steps_trained", "early_terminated", "seconds"} <= set(lines[0])
+    assert all(0 < line["reward"] <= 1 for line in lines)
+    assert {line["steps_trained"] for line in lines} <= {2, 3}
+    assert any(line["early_terminated"] for line in lines[2:]) or all(line["steps_trained"] == 3 for line in lines)
+    best_genotype = nas.load_genotype(straight / search_lib.BEST_GENOTYPE)
+    assert best["reward"] == max(line["reward"] for line in lines)
+    assert best_genotype == nas.genotype_from_json_dict(best["genotype"])
+    assert best_genotype.space == nas.CellSpace(("segmentation", "depth"), ("stage4", "stage5"), 2)
+    for line in lines:  # the test split is never touched: metrics come from the meta-val slice
+        assert set(line["metrics"]) == {"segmentation", "depth", "normal"}
+
+    # killed during the second generation (after the first one's checkpoint), then re-run: same genotypes
+    killed = tmp_path / "killed"
+    run_generation = search_lib.run_generation
+
+    def dies_in_second_generation(search, ppo_state, generation, reference):
+        if generation == 1:
+            raise KeyboardInterrupt("killed")
+        return run_generation(search, ppo_state, generation, reference)
+
+    monkeypatch.setattr(search_lib, "run_generation", dies_in_second_generation)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(search_config(data_dir), str(killed))
+    assert len(genotype_sequence(killed)) == 2
+    monkeypatch.setattr(search_lib, "run_generation", run_generation)
+    train.train_and_evaluate(search_config(data_dir), str(killed))
+    assert genotype_sequence(killed) == genotype_sequence(straight)
+    rewards = [json.loads(line)["reward"] for line in (killed / search_lib.SEARCH_LOG).read_text().splitlines()]
+    assert rewards == pytest.approx([line["reward"] for line in lines], rel=1e-4)

@@ -4,10 +4,12 @@ and a search killed after a generation resumes with the genotypes an uninterrupt
 import importlib
 import json
 
+import numpy as np
 import pytest
 
 from auxmtl_jax import nas
 from auxmtl_jax import train
+from auxmtl_jax.analysis import plot, search_plot
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import search as search_lib
 
@@ -59,6 +61,15 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     assert best_genotype.space == nas.CellSpace(("segmentation", "depth"), ("stage4", "stage5"), 2)
     for line in lines:  # the test split is never touched: metrics come from the meta-val slice
         assert set(line["metrics"]) == {"segmentation", "depth", "normal"}
+    for figure in ("search_rewards.png", "search_operations.png", "best_genotype.png"):
+        assert (straight / figure).stat().st_size > 10_000, figure
+    generations, shares = search_plot.operation_shares(lines)
+    assert list(generations) == [0, 1, 2] and np.allclose(shares.sum(axis=1), 1.0)
+    first = nas.genotype_from_json_dict(lines[0]["genotype"]).as_array()[..., 2:4].reshape(-1)
+    second = nas.genotype_from_json_dict(lines[1]["genotype"]).as_array()[..., 2:4].reshape(-1)
+    expected = np.bincount(np.concatenate([first, second]), minlength=len(nas.OPERATIONS)) / (first.size * 2)
+    np.testing.assert_allclose(shares[0], expected)
+    assert plot.main(["search", str(tmp_path / "nowhere")]) == 1
 
     # killed during the second generation (after the first one's checkpoint), then re-run: same genotypes
     killed = tmp_path / "killed"

@@ -4,6 +4,7 @@ r"""Figures from training workdirs and Auxi-NAS genotypes.
   python -m auxmtl_jax.analysis.plot fig3 single_seg=DIR single_depth=DIR joint=DIR auxi_all=DIR \
       --out=fig3.png [--x=segmentation/miou --y=depth/abs_err]
   python -m auxmtl_jax.analysis.plot genotype GENOTYPE.json --out=cells.png
+  python -m auxmtl_jax.analysis.plot search SEARCH_WORKDIR     # search_rewards/operations, best_genotype .png
 
 For fig5/fig3 each run is `NAME=DIR` (DIR a training workdir) or a sweep workdir (`NAME=DIR` or plain `DIR`) whose
 sub-folders are workdirs, each becoming a run named after its sub-folder; a PNG and an SVG with the same stem are
@@ -104,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     fig5.add_argument("--smoothing", type=float, default=0.6, help="EMA smoothing of the curves, in [0, 1)")
     fig3.add_argument("--x", default=None, help="task/metric on the x axis (e.g. segmentation/miou)")
     fig3.add_argument("--y", default=None, help="task/metric on the y axis (e.g. depth/abs_err)")
+    search = commands.add_parser("search", help="an Auxi-NAS search workdir: rewards, operations, best genotype")
+    search.add_argument("workdir", metavar="WORKDIR", help="a search workdir (configs/nas_search.py)")
     genotype = commands.add_parser("genotype", help="an Auxi-NAS genotype's cells per task (paper Fig. 4)")
     genotype.add_argument("genotype", metavar="GENOTYPE.json", help="genotype file (auxmtl_jax.nas format)")
     genotype.add_argument("--out", required=True, help="output .png")
@@ -117,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "genotype":
             written = plot_genotype_file(args.genotype, out=args.out, dpi=args.dpi)
+        elif args.command == "search":
+            from auxmtl_jax.analysis import search_plot
+
+            written = search_plot.write_search_figures(args.workdir)
         elif args.command == "fig5":
             written = plot_fig5(args.runs, out=args.out, task=args.task, layers=args.layers,
                                 component=args.component, smoothing=args.smoothing, dpi=args.dpi)

@@ -9,8 +9,8 @@ first-stage scores stop there (progressive early termination, Nekrasov et al.); 
 ``search.steps[1]`` more steps and are scored again. The rewards (``reward.py``) update the controller by PPO.
 
 Every generation starts the meta-train iterator afresh from the same seed, so all candidates see the same
-batches. The workdir holds ``search.jsonl`` (a line per candidate), ``best_genotype.json`` and orbax checkpoints of
-the controller/PPO state after each generation; re-running the same command resumes after the last complete
+batches. The workdir holds ``search.jsonl`` (a line per candidate), ``best_genotype.json``, orbax checkpoints of
+the controller/PPO state after each generation and, at the end, the figures of ``analysis/search_plot.py``; re-running the same command resumes after the last complete
 generation and samples exactly the genotypes an uninterrupted search would.
 """
 
@@ -219,6 +219,11 @@ def run_search(config, workdir: str) -> dict:
     finally:
         bar.close()
         manager.close()
+    if jax.process_index() == 0:
+        from auxmtl_jax.analysis import search_plot
+
+        for path in search_plot.write_search_figures(workdir):
+            log.info("wrote %s", path)
     return max(records, key=lambda record: record["reward"])
 
 

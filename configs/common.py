@@ -180,8 +180,8 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_colle
     """
     name, _, argument = strategy.partition(":")
     if name not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)} "
-                         "(single and auxi take ':<task>', prior takes ':<workdir>', auxi_nas takes ':<genotype.json>').")
+        raise ValueError(f"Unknown strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)} (single and auxi "
+                         "take ':<task>', prior takes ':<workdir>', auxi_nas takes ':<genotype.json>').")
     arguments = {"single": "task", "auxi": "task", "prior": "workdir", "auxi_nas": "genotype.json"}
     if (name in arguments) != bool(argument):
         form = f"{name}:<{arguments[name]}>" if name in arguments else name

@@ -119,8 +119,9 @@ def set_token(task, cell, token, value):
 
 
 BAD_GENOTYPES = {
-    "location not generated yet": (set_token("depth", 0, 1, 8), r"cells\['depth'\]\[0\] input_b=8: points at a location "
-                                                                r"not generated yet; this cell may read locations 0..7"),
+    "location not generated yet": (set_token("depth", 0, 1, 8),
+                                   r"cells\['depth'\]\[0\] input_b=8: points at a location not generated yet; "
+                                   r"this cell may read locations 0..7"),
     "own later cell": (set_token("segmentation", 1, 0, 6), r"cells\['segmentation'\]\[1\] input_a=6"),
     "negative location": (set_token("normal", 3, 0, -1), r"cells\['normal'\]\[3\] input_a=-1"),
     "unknown op index": (set_token("depth", 2, 3, 6), r"cells\['depth'\]\[2\] op_b=6: no such entry"),
@@ -129,7 +130,8 @@ BAD_GENOTYPES = {
     "boolean token": (set_token("depth", 1, 4, True), r"cells\['depth'\]\[1\] aggregator: expected an integer"),
     "short cell": (lambda d: d["cells"]["depth"][1].pop(), r"cells\['depth'\]\[1\]: expected 5 integers"),
     "unequal cell counts": (lambda d: d["cells"]["normal"].pop(), r"same number of cells"),
-    "unknown operation name": (lambda d: d["operations"].__setitem__(1, "conv5x5"), r"operations \['conv5x5'\] unknown"),
+    "unknown operation name": (lambda d: d["operations"].__setitem__(1, "conv5x5"),
+                               r"operations \['conv5x5'\] unknown"),
     "unknown aggregator name": (lambda d: d["aggregators"].__setitem__(0, "max"), r"aggregators \['max'\] unknown"),
     "wrong format": (lambda d: d.__setitem__("format", "other/1"), r"format 'other/1'"),
     "missing key": (lambda d: d.pop("stages"), r"missing key\(s\) \['stages'\]"),

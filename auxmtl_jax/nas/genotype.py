@@ -221,11 +221,11 @@ def validate_cells(tasks: Sequence[str], stages: Sequence[str], cells: Sequence[
                                         f"this cell may read locations 0..{readable - 1} ({names})")
             for token_name, token in zip(TOKENS[2:4], cell[2:4]):
                 if not 0 <= token < len(OPERATIONS):
-                    raise GenotypeError(f"{where} {token_name}={token}: unknown operation; expected 0..{len(OPERATIONS) - 1}"
-                                        f" {list(OPERATIONS)}")
+                    raise GenotypeError(f"{where} {token_name}={token}: unknown operation; expected "
+                                        f"0..{len(OPERATIONS) - 1} {list(OPERATIONS)}")
             if not 0 <= cell[4] < len(AGGREGATORS):
-                raise GenotypeError(f"{where} aggregator={cell[4]}: unknown aggregator; expected 0..{len(AGGREGATORS) - 1}"
-                                    f" {list(AGGREGATORS)}")
+                raise GenotypeError(f"{where} aggregator={cell[4]}: unknown aggregator; expected "
+                                    f"0..{len(AGGREGATORS) - 1} {list(AGGREGATORS)}")
 
 
 def genotype_from_json_dict(data: Any, *, source: str = "genotype") -> Genotype:

@@ -2,11 +2,11 @@
 
 Each task contributes one metric of the main network on the meta-val split:
 
-| task         | metric           | score               | why                                                          |
-|--------------|------------------|---------------------|--------------------------------------------------------------|
-| segmentation | mIoU             | mIoU                | already a fraction, higher better                            |
-| depth        | RelErr           | 1 / (1 + RelErr)    | scale-free; 0.5 at RelErr 1, what an all-zero prediction gets |
-| normal       | mean angle (deg) | 1 / (1 + mean / 30) | 0.5 at 30 degrees; random directions (mean 90) get 0.25      |
+| task         | metric           | score               | why                                                  |
+|--------------|------------------|---------------------|------------------------------------------------------|
+| segmentation | mIoU             | mIoU                | already a fraction, higher better                    |
+| depth        | RelErr           | 1 / (1 + RelErr)    | scale-free; 0.5 at RelErr 1 (an all-zero prediction) |
+| normal       | mean angle (deg) | 1 / (1 + mean / 30) | 0.5 at 30 degrees; random directions (90) get 0.25   |
 
 ``1 / (1 + err / scale)`` is monotone, 1 at zero error and never exactly 0, so a weak task lowers the reward
 without zeroing it; ``exp(-err / scale)`` would squash the poor early candidates of a short proxy schedule

@@ -10,7 +10,8 @@ first-stage scores stop there (progressive early termination, Nekrasov et al.); 
 
 Every generation starts the meta-train iterator afresh from the same seed, so all candidates see the same
 batches. The workdir holds ``search.jsonl`` (a line per candidate), ``best_genotype.json``, orbax checkpoints of
-the controller/PPO state after each generation and, at the end, the figures of ``analysis/search_plot.py``; re-running the same command resumes after the last complete
+the controller/PPO state after each generation and, at the end, the figures of ``analysis/search_plot.py``;
+re-running the same command resumes after the last complete
 generation and samples exactly the genotypes an uninterrupted search would.
 """
 

@@ -1,6 +1,7 @@
 """The search loop on the tiny dataset: it completes and writes its outputs, compiles its population step once,
 and a search killed after a generation resumes with the genotypes an uninterrupted search samples."""
 
+import contextlib
 import importlib
 import json
 
@@ -89,3 +90,25 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     assert genotype_sequence(killed) == genotype_sequence(straight)
     rewards = [json.loads(line)["reward"] for line in (killed / search_lib.SEARCH_LOG).read_text().splitlines()]
     assert rewards == pytest.approx([line["reward"] for line in lines], rel=1e-4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("population", 0, r"search\.population=0; expected a positive integer"),
+    ("steps", (0, 1), r"search\.steps=\(0, 1\); expected"),
+    ("polyak_decay", 1.0, r"search\.polyak_decay=1\.0"),
+    ("meta_train_fraction", 1.0, r"search\.meta_train_fraction=1\.0"),
+    ("ppo.buffer_size", 1, r"search\.population=2 exceeds search\.ppo\.buffer_size=1"),
+    ("ppo.clip", 0.2, r"search\.ppo: unknown field\(s\) \['clip'\]"),
+    ("ppo.epochs", 0, r"search\.ppo: PPOConfig: .*epochs must be >= 1"),
+])
+def test_bad_search_settings_fail_before_anything_is_written(field, value, message, data_dir, tmp_path):
+    config = search_config(data_dir)
+    *parents, leaf = field.split(".")
+    node = config.search
+    for parent in parents:
+        node = node[parent]
+    with node.ignore_type() if hasattr(node, "ignore_type") else contextlib.nullcontext():
+        node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "search"))
+    assert not (tmp_path / "search").exists()

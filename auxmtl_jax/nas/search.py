@@ -69,7 +69,39 @@ def meta_splits(config) -> tuple[str, str]:
 
 
 def ppo_config(config) -> ppo_lib.PPOConfig:
-    return ppo_lib.PPOConfig(**config.search.ppo.to_dict())
+    """``config.search.ppo`` as a PPOConfig; unknown or bad fields give one error naming them."""
+    fields = config.search.ppo.to_dict()
+    known = {field.name for field in dataclasses.fields(ppo_lib.PPOConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"search.ppo: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    try:
+        return ppo_lib.PPOConfig(**fields)
+    except ValueError as error:
+        raise ValueError(f"search.ppo: {error}") from None
+
+
+def validate_search_config(config) -> ppo_lib.PPOConfig:
+    """Checks ``config.search`` before anything is written; returns its PPO settings."""
+    search = config.search
+    for key in ("num_candidates", "population"):
+        value = search[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"search.{key}={value!r}; expected a positive integer")
+    steps = tuple(search.steps)
+    if (len(steps) != 2 or any(isinstance(step, bool) or not isinstance(step, int) or step < 0 for step in steps)
+            or steps[0] < 1):
+        raise ValueError(f"search.steps={steps!r}; expected (first-stage steps >= 1, second-stage steps >= 0)")
+    if not 0 <= search.polyak_decay < 1:
+        raise ValueError(f"search.polyak_decay={search.polyak_decay!r}; expected a value in [0, 1)")
+    if search.termination_fraction < 0:
+        raise ValueError(f"search.termination_fraction={search.termination_fraction!r}; expected >= 0")
+    settings = ppo_config(config)
+    if search.population > settings.buffer_size:
+        raise ValueError(f"search.population={search.population} exceeds search.ppo.buffer_size="
+                         f"{settings.buffer_size}: a generation's candidates must fit the PPO buffer")
+    meta_splits(config)
+    return settings
 
 
 @dataclasses.dataclass
@@ -86,10 +118,12 @@ class _Search:
     meta_train: Any
     meta_val: Any
     num_classes: int | None
+    ppo: ppo_lib.PPOConfig
 
 
 def _prepare(config) -> _Search:
     train_lib.validate_config(config)
+    ppo_settings = validate_search_config(config)
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
     meta_train_split, meta_val_split = meta_splits(config)
@@ -112,7 +146,7 @@ def _prepare(config) -> _Search:
     meta_val = input_pipeline.create_eval_dataset(meta_val_cfg, config.input, tasks=tuple(config.tasks),
                                                   global_batch_size=config.eval_batch_size)
     return _Search(config, controller, model, start, step_fn, eval_fn, sample_fn, meta_train_cfg, meta_val,
-                   dataset.num_classes)
+                   dataset.num_classes, ppo_settings)
 
 
 def _score(search: _Search, population: population_lib.PopulationState) -> list[tuple[float, dict]]:
@@ -184,7 +218,7 @@ def run_search(config, workdir: str) -> dict:
                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
     latest = manager.latest_step()
     checkpoint_lib.check_workdir_config(workdir, config, resume_step=latest or 0)
-    ppo_settings = ppo_config(config)
+    ppo_settings = search.ppo
     ppo_state = ppo_lib.init_ppo_state(search.controller.init(jax.random.key(config.seed + 1)), ppo_settings,
                                        search.controller)
     generations = math.ceil(config.search.num_candidates / config.search.population)

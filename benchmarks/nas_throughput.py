@@ -15,7 +15,6 @@ candidates per hour for a search of ``--search_size`` candidates (compile amorti
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -43,7 +42,7 @@ flags.mark_flag_as_required("config")
 
 def time_population(config) -> tuple[float, float, list]:
     """(first generation's seconds incl. compiling, steady seconds per candidate, genotypes sampled)."""
-    search = search_lib._prepare(config)
+    search = search_lib.prepare_search(config)
     ppo_state = ppo_lib.init_ppo_state(search.controller.init(jax.random.key(config.seed + 1)),
                                        search_lib.ppo_config(config), search.controller)
     durations, genotypes, reference = [], [], math.nan
@@ -59,9 +58,7 @@ def time_population(config) -> tuple[float, float, list]:
 def time_naive(config, genotypes) -> list[float]:
     """Seconds per candidate when each genotype gets its own network, train state and compiled steps."""
     dataset = input_pipeline.dataset_info(config.dataset)
-    meta_train, meta_val = search_lib.meta_splits(config)
-    train_cfg, val_cfg = copy.deepcopy(config.dataset), copy.deepcopy(config.dataset)
-    train_cfg.train_split, val_cfg.eval_split = meta_train, meta_val
+    train_cfg, val_cfg = search_lib.meta_dataset_configs(config)
     channels = train_lib.task_channels(config.tasks, dataset.num_classes)
     seconds = []
     for genotype in genotypes:

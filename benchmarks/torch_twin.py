@@ -168,13 +168,17 @@ class MobileNetV2Encoder(nn.Module):
                 self.stage_after[name] = block.stage
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.stem(images)
-        stages = {}
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-            if name in self.stage_after:
-                stages[self.stage_after[name]] = x
-        return stages
+        return run_blocks(self, self.stem(images))
+
+
+def run_blocks(encoder: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Runs ``encoder.block_names`` in order; returns ``{stage: output}`` after the blocks in ``stage_after``."""
+    stages = {}
+    for name in encoder.block_names:
+        x = getattr(encoder, name)(x)
+        if name in encoder.stage_after:
+            stages[encoder.stage_after[name]] = x
+    return stages
 
 
 class Bottleneck(nn.Module):
@@ -222,13 +226,7 @@ class ResNet50Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = F.relu(self.bn1(self.conv1(images)))
-        x = F.max_pool2d(x, 3, stride=2, padding=1)
-        stages = {}
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-            if name in self.stage_after:
-                stages[self.stage_after[name]] = x
-        return stages
+        return run_blocks(self, F.max_pool2d(x, 3, stride=2, padding=1))
 
 
 def build_encoder(encoder: str, width_multiplier: float, output_stride: int) -> nn.Module:

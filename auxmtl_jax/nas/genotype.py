@@ -207,12 +207,7 @@ def validate_cells(tasks: Sequence[str], stages: Sequence[str], cells: Sequence[
     for task_index, (task, task_cells) in enumerate(zip(tasks, cells)):
         for cell_index, cell in enumerate(task_cells):
             where = f"{source}: cells[{task!r}][{cell_index}]"
-            if (isinstance(cell, (str, bytes)) or not isinstance(cell, Sequence)
-                    or len(cell) != len(TOKENS)):
-                raise GenotypeError(f"{where}: expected {len(TOKENS)} integers {list(TOKENS)}, got {cell!r}")
-            for token_name, token in zip(TOKENS, cell):
-                if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-                    raise GenotypeError(f"{where} {token_name}: expected an integer, got {token!r}")
+            _check_cell_shape(cell, where)
             readable = space.readable_locations(task_index, cell_index)
             for token_name, location in zip(TOKENS[:2], cell[:2]):
                 if not 0 <= location < readable:
@@ -226,6 +221,15 @@ def validate_cells(tasks: Sequence[str], stages: Sequence[str], cells: Sequence[
             if not 0 <= cell[4] < len(AGGREGATORS):
                 raise GenotypeError(f"{where} aggregator={cell[4]}: unknown aggregator; expected "
                                     f"0..{len(AGGREGATORS) - 1} {list(AGGREGATORS)}")
+
+
+def _check_cell_shape(cell: Any, where: str) -> None:
+    """A cell is exactly five integers (booleans are not integers here)."""
+    if isinstance(cell, (str, bytes)) or not isinstance(cell, Sequence) or len(cell) != len(TOKENS):
+        raise GenotypeError(f"{where}: expected {len(TOKENS)} integers {list(TOKENS)}, got {cell!r}")
+    for token_name, token in zip(TOKENS, cell):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise GenotypeError(f"{where} {token_name}: expected an integer, got {token!r}")
 
 
 def genotype_from_json_dict(data: Any, *, source: str = "genotype") -> Genotype:
@@ -259,19 +263,13 @@ def genotype_from_json_dict(data: Any, *, source: str = "genotype") -> Genotype:
         rows = []
         for cell_index, cell in enumerate(task_cells):
             where = f"{source}: cells[{task!r}][{cell_index}]"
-            if not isinstance(cell, list) or len(cell) != len(TOKENS):
-                raise GenotypeError(f"{where}: expected {len(TOKENS)} integers {list(TOKENS)}, got {cell!r}")
-            for token_name, token in zip(TOKENS, cell):
-                if isinstance(token, bool) or not isinstance(token, int):
-                    raise GenotypeError(f"{where} {token_name}: expected an integer, got {token!r}")
+            _check_cell_shape(cell, where)
             rows.append((cell[0], cell[1], _translate(cell[2], op_map, data["operations"], where, "op_a"),
                          _translate(cell[3], op_map, data["operations"], where, "op_b"),
                          _translate(cell[4], aggregator_map, data["aggregators"], where, "aggregator")))
         translated.append(tuple(rows))
-    try:
-        return Genotype(tuple(tasks), tuple(stages), tuple(translated))
-    except GenotypeError as error:
-        raise GenotypeError(str(error).replace("Genotype:", f"{source}:", 1)) from None
+    validate_cells(tuple(tasks), tuple(stages), translated, source=source)
+    return Genotype(tuple(tasks), tuple(stages), tuple(translated))
 
 
 def _vocabulary_map(names: Any, known: tuple[str, ...], key: str, source: str) -> list[int]:

@@ -68,6 +68,14 @@ def meta_splits(config) -> tuple[str, str]:
     return f"{split}[:{percent}%]", f"{split}[{percent}%:]"
 
 
+def meta_dataset_configs(config):
+    """Dataset configs whose train split is the meta-train slice and whose eval split is the meta-val slice."""
+    meta_train, meta_val = meta_splits(config)
+    train_cfg, val_cfg = config.dataset.copy_and_resolve_references(), config.dataset.copy_and_resolve_references()
+    train_cfg.train_split, val_cfg.eval_split = meta_train, meta_val
+    return train_cfg, val_cfg
+
+
 def ppo_config(config) -> ppo_lib.PPOConfig:
     """``config.search.ppo`` as a PPOConfig; unknown or bad fields give one error naming them."""
     fields = config.search.ppo.to_dict()
@@ -105,7 +113,7 @@ def validate_search_config(config) -> ppo_lib.PPOConfig:
 
 
 @dataclasses.dataclass
-class _Search:
+class SearchSetup:
     """Everything one search run compiles and reuses across generations."""
 
     config: Any
@@ -121,12 +129,12 @@ class _Search:
     ppo: ppo_lib.PPOConfig
 
 
-def _prepare(config) -> _Search:
+def prepare_search(config) -> SearchSetup:
+    """Validates the config, prepares the data and compiles-on-first-use everything a search reuses."""
     train_lib.validate_config(config)
     ppo_settings = validate_search_config(config)
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
-    meta_train_split, meta_val_split = meta_splits(config)
     channels = train_lib.task_channels(config.tasks, dataset.num_classes)
     probe = build_model(config.model, channels)
     space = search_space(config, probe.stage_names)
@@ -139,17 +147,14 @@ def _prepare(config) -> _Search:
     controller = Controller(space, hidden_size=config.search.controller.hidden_size,
                             num_layers=config.search.controller.num_layers)
     sample_fn = jax.jit(controller.sample_batch, static_argnums=2)
-    meta_train_cfg = config.dataset.copy_and_resolve_references()
-    meta_train_cfg.train_split = meta_train_split
-    meta_val_cfg = config.dataset.copy_and_resolve_references()
-    meta_val_cfg.eval_split = meta_val_split
+    meta_train_cfg, meta_val_cfg = meta_dataset_configs(config)
     meta_val = input_pipeline.create_eval_dataset(meta_val_cfg, config.input, tasks=tuple(config.tasks),
                                                   global_batch_size=config.eval_batch_size)
-    return _Search(config, controller, model, start, step_fn, eval_fn, sample_fn, meta_train_cfg, meta_val,
+    return SearchSetup(config, controller, model, start, step_fn, eval_fn, sample_fn, meta_train_cfg, meta_val,
                    dataset.num_classes, ppo_settings)
 
 
-def _score(search: _Search, population: population_lib.PopulationState) -> list[tuple[float, dict]]:
+def _score(search: SearchSetup, population: population_lib.PopulationState) -> list[tuple[float, dict]]:
     """(reward, metrics) of every candidate on the whole meta-val split."""
     count = population.active.shape[0]
     states = population_lib.empty_metric_states(tuple(search.config.tasks), search.num_classes, count)
@@ -162,13 +167,13 @@ def _score(search: _Search, population: population_lib.PopulationState) -> list[
     return results
 
 
-def _train(search: _Search, population, batches, steps: int):
+def _train(search: SearchSetup, population, batches, steps: int):
     for _ in range(steps):
         population, _ = search.step_fn(population, next(batches))
     return population
 
 
-def run_generation(search: _Search, ppo_state: ppo_lib.PPOState, generation: int, reference: float):
+def run_generation(search: SearchSetup, ppo_state: ppo_lib.PPOState, generation: int, reference: float):
     """Samples, trains and scores one population; returns the PPO inputs, per-candidate records and the new
     running reference for early termination."""
     config = search.config.search
@@ -212,7 +217,7 @@ def run_generation(search: _Search, ppo_state: ppo_lib.PPOState, generation: int
 def run_search(config, workdir: str) -> dict:
     """Runs (or resumes) the search in ``workdir``; returns the best candidate's record."""
     workdir = epath.Path(workdir)
-    search = _prepare(config)
+    search = prepare_search(config)
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ocp.CheckpointManager((workdir / SEARCH_CHECKPOINTS).absolute(),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -233,7 +238,7 @@ def run_search(config, workdir: str) -> dict:
 
     bar = tqdm(total=generations * config.search.population, initial=len(records), unit="candidate",
                disable=not config.progress_bar)
-    started = time.perf_counter()
+    started, evaluated_here = time.perf_counter(), 0
     try:
         for generation in range(generation, generations):
             sampled, rewards, new_records, reference = run_generation(search, ppo_state, generation, reference)
@@ -247,10 +252,10 @@ def run_search(config, workdir: str) -> dict:
             manager.save(generation + 1, args=ocp.args.StandardSave({"ppo": ppo_state,
                                                                      "reference": np.asarray(reference, np.float32)}))
             manager.wait_until_finished()
+            evaluated_here += len(new_records)
             hours = (time.perf_counter() - started) / 3600
             bar.update(len(new_records))
-            bar.set_postfix(best=f"{best['reward']:.4f}",
-                            per_hour=f"{len(new_records) * (generation + 1 - (latest or 0)) / max(hours, 1e-9):.0f}")
+            bar.set_postfix(best=f"{best['reward']:.4f}", per_hour=f"{evaluated_here / max(hours, 1e-9):.0f}")
     finally:
         bar.close()
         manager.close()

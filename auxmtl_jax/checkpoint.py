@@ -5,7 +5,8 @@
 - `check_workdir_config`: a workdir remembers its config (config.json); resuming with a different one fails with
   the list of differing keys and the two ways on, unless `accept_changed_keys` names them (the change is then
   recorded in config.json under `config_changes`).
-- `load_prior_params`: the `main` subtree of another run's latest checkpoint, for the paper's Prior strategy.
+- `load_init_variables`: another run's variables cut to a scope (encoder, whole network, `main`, with aux
+  modules), for the paper's Prior strategy and pre-train -> fine-tune.
 - `export_inference`: WORKDIR/inference/ = `main` params + batch_stats + model config, nothing train-only.
 """
 
@@ -234,16 +235,30 @@ def _write_text_atomic(path: epath.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_prior_params(path: str, scope: str) -> dict:
-    """The `params['main']` subtree (`scope`='main') or its encoder (`scope`='encoder') of another run.
+INIT_SCOPES = ("encoder", "network", "main", "all")
 
-    `path` is that run's workdir (its latest checkpoint is read) or its exported inference folder.
+
+def load_init_variables(path: str, scope: str) -> dict:
+    """``{'params': {group: ...}, 'batch_stats': {group: ...}}`` of another run, cut to ``scope``.
+
+    - ``encoder``: `main`'s encoder;
+    - ``network``: `main`'s encoder, shared ASPP and every task decoder the run has: a single-task run's whole
+      network (the paper's Prior, Sec. 4.2);
+    - ``main``: all of `main` (every key must match the new model's);
+    - ``all``: `main` and the run's aux / deep-supervision modules (fine-tuning a run with its aux modules).
+
+    `path` is that run's workdir (its latest checkpoint is read) or its exported inference folder (`main` only).
+    BN statistics travel with their weights.
     """
-    if scope not in ("main", "encoder"):
-        raise ValueError(f"config.init_from.scope={scope!r}; expected 'main' or 'encoder'.")
+    if scope not in INIT_SCOPES:
+        raise ValueError(f"config.init_from.scope={scope!r}; expected one of {', '.join(INIT_SCOPES)}.")
     root = epath.Path(path)
     if (root / INFERENCE_VARIABLES).exists():
-        main = load_inference_variables(root)["params"]
+        if scope == "all":
+            raise ValueError(f"config.init_from.path={path!r} is an exported inference folder, which holds `main` "
+                             "only; config.init_from.scope='all' needs the run's workdir.")
+        main = load_inference_variables(root)
+        variables = {"params": {"main": main["params"]}, "batch_stats": {"main": main.get("batch_stats", {})}}
     elif (root / CHECKPOINT_DIR).exists():
         manager = ocp.CheckpointManager((root / CHECKPOINT_DIR).resolve(),
                                         options=ocp.CheckpointManagerOptions(read_only=True))
@@ -251,12 +266,26 @@ def load_prior_params(path: str, scope: str) -> dict:
         if step is None:
             raise ValueError(f"config.init_from.path={path!r}: {root / CHECKPOINT_DIR} holds no checkpoint.")
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        main = jax.tree.map(np.asarray, restored["state"]["params"]["main"])
         manager.close()
+        state = jax.tree.map(np.asarray, restored["state"])
+        variables = {"params": dict(state["params"]), "batch_stats": dict(state.get("batch_stats") or {})}
     else:
         raise ValueError(f"config.init_from.path={path!r} is neither a workdir with {CHECKPOINT_DIR}/ nor an "
                          f"exported {INFERENCE_DIR}/ folder with {INFERENCE_VARIABLES}.")
-    return main if scope == "main" else {"encoder": main["encoder"]}
+    return {collection: _cut_to_scope(tree, scope) for collection, tree in variables.items()}
+
+
+def _cut_to_scope(tree: Mapping[str, Any], scope: str) -> dict:
+    """The groups and `main` modules of one variable collection that ``scope`` loads."""
+    main = dict(tree.get("main", {}))
+    if scope == "encoder":
+        return {"main": {key: value for key, value in main.items() if key == "encoder"}}
+    if scope == "network":
+        return {"main": {key: value for key, value in main.items()
+                         if key in ("encoder", "aspp") or key.endswith("_decoder")}}
+    if scope == "main":
+        return {"main": main}
+    return {group: dict(value) for group, value in tree.items() if group in ("main", "aux", "deep_supervision")}
 
 
 def merge_params(target: Mapping[str, Any], loaded: Mapping[str, Any], *, what: str) -> dict:

@@ -54,29 +54,48 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
 
 
-def create_learning_rate_fn(optimizer_cfg, num_train_steps: int) -> optax.Schedule:
-    """Linear warm-up (optional), then the paper's poly decay lr·(1 − t/T)^power down to 0 at `num_train_steps`."""
+LR_SCHEDULES = ("poly", "constant")
+SCRATCH = "scratch"  # model.encoder_init value: train the encoder from random init
+
+
+def create_learning_rate_fn(optimizer_cfg, num_train_steps: int, scale: float = 1.0) -> optax.Schedule:
+    """Linear warm-up (optional), then the paper's poly decay lr·(1 − t/T)^power down to 0 at `num_train_steps`
+    (`optimizer.schedule='poly'`) or a constant lr (`'constant'`: the paper's NYUv2 fine-tune at 1e-5).
+
+    `scale` multiplies the base lr (the Prior strategy divides it by 10, paper Sec. 4.2 footnote 1).
+    """
+    base = optimizer_cfg.learning_rate * scale
     warmup = int(optimizer_cfg.warmup_steps)
-    decay = optax.polynomial_schedule(init_value=optimizer_cfg.learning_rate, end_value=0.0,
-                                      power=optimizer_cfg.poly_power,
-                                      transition_steps=max(num_train_steps - warmup, 1))
+    if optimizer_cfg.get("schedule", "poly") == "constant":
+        after_warmup = optax.constant_schedule(base)
+    else:
+        after_warmup = optax.polynomial_schedule(init_value=base, end_value=0.0, power=optimizer_cfg.poly_power,
+                                                 transition_steps=max(num_train_steps - warmup, 1))
     if warmup == 0:
-        return decay
-    ramp = optax.linear_schedule(0.0, optimizer_cfg.learning_rate, warmup)
-    return optax.join_schedules([ramp, decay], boundaries=[warmup])
+        return after_warmup
+    ramp = optax.linear_schedule(0.0, base, warmup)
+    return optax.join_schedules([ramp, after_warmup], boundaries=[warmup])
 
 
-def create_optimizer(config, learning_rate_fn: optax.Schedule, params) -> optax.GradientTransformation:
+def run_learning_rate_fn(config, num_train_steps: int) -> optax.Schedule:
+    """The schedule of a run: `create_learning_rate_fn` with `init_from.base_lr_scale` applied when the run starts
+    from another run's weights."""
+    scale = config.init_from.get("base_lr_scale", 1.0) if config.init_from.path else 1.0
+    return create_learning_rate_fn(config.optimizer, num_train_steps, scale)
+
+
+def create_optimizer(config, learning_rate_fn: optax.Schedule, params,
+                     loaded: Any = None) -> optax.GradientTransformation:
     """SGD with momentum and weight decay on every network weight (not on loss-weighting parameters).
 
-    Parameters loaded by `init_from` (the Prior strategy) have their updates scaled by `init_from.lr_scale`.
+    The modules loaded by `init_from` (``loaded``: their params tree) have their updates scaled by
+    `init_from.lr_scale`.
     """
     decayed = _top_level_mask(params, exclude=("loss_weighting",))
     chain = [optax.add_decayed_weights(config.optimizer.weight_decay, mask=decayed),
              optax.sgd(learning_rate_fn, momentum=config.optimizer.momentum)]
-    if config.init_from.path and config.init_from.lr_scale != 1.0:
-        loaded = _prior_mask(params, config.init_from.scope)
-        chain.append(optax.masked(optax.scale(config.init_from.lr_scale), loaded))
+    if loaded and config.init_from.lr_scale != 1.0:
+        chain.append(optax.masked(optax.scale(config.init_from.lr_scale), _loaded_mask(params, loaded)))
     return optax.chain(*chain)
 
 
@@ -84,10 +103,11 @@ def _top_level_mask(params, *, exclude: tuple[str, ...]):
     return {key: jax.tree.map(lambda _: key not in exclude, subtree) for key, subtree in params.items()}
 
 
-def _prior_mask(params, scope: str):
+def _loaded_mask(params, loaded):
+    """True on the leaves of the modules (group/module) that ``loaded`` holds."""
     def mark(path, _):
-        keys = [getattr(entry, "key", None) for entry in path]
-        return keys[:1] == ["main"] and (scope == "main" or keys[1:2] == ["encoder"])
+        group, module = (getattr(entry, "key", None) for entry in path[:2])
+        return module in loaded.get(group, {})
 
     return jax.tree_util.tree_map_with_path(mark, params)
 
@@ -124,29 +144,39 @@ def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
     variables = init_variables(model, rng)
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
-    params, batch_stats = _load_initialisations(config, params, batch_stats)
+    params, batch_stats, loaded = _load_initialisations(config, params, batch_stats)
     weighting = weighting_lib.get_weighting(config.loss_weighting)
     loss_weighting_params = weighting.init(tuple(config.tasks))
     if loss_weighting_params:
         params["loss_weighting"] = loss_weighting_params
-    tx = create_optimizer(config, learning_rate_fn, params)
+    tx = create_optimizer(config, learning_rate_fn, params, loaded)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params))
     return state, tx
 
 
-def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict, dict]:
-    if config.model.encoder_init:
+def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict, dict, dict]:
+    """Merges `model.encoder_init` and `init_from` into fresh variables; returns them and the params tree that
+    `init_from` loaded (empty without it)."""
+    if config.model.encoder_init and config.model.encoder_init != SCRATCH:
         from auxmtl_jax import pretrained
 
         encoder = pretrained.load_pretrained_encoder(config.model.encoder_init, config.model.encoder)
         merged = pretrained.merge_encoder({"params": params, "batch_stats": batch_stats}, encoder)
         params, batch_stats = dict(merged["params"]), dict(merged["batch_stats"])
-    if config.init_from.path:
-        loaded = checkpoint_lib.load_prior_params(config.init_from.path, config.init_from.scope)
-        params["main"] = checkpoint_lib.merge_params(
-            params["main"], loaded, what=f"config.init_from.path={config.init_from.path!r} (main params)")
-    return params, batch_stats
+    if not config.init_from.path:
+        return params, batch_stats, {}
+    where = f"config.init_from.path={config.init_from.path!r} (scope {config.init_from.scope!r})"
+    loaded = checkpoint_lib.load_init_variables(config.init_from.path, config.init_from.scope)
+    for collection, target in (("params", params), ("batch_stats", batch_stats)):
+        for group, subtree in loaded[collection].items():
+            if not subtree:
+                continue
+            if group not in target:
+                raise ValueError(f"Cannot load {where}: it has {group} modules ({', '.join(sorted(subtree))}) and "
+                                 f"this model has none; configure them (e.g. aux.tasks) or use another scope.")
+            target[group] = checkpoint_lib.merge_params(target[group], subtree, what=f"{where}, {collection}/{group}")
+    return params, batch_stats, loaded["params"]
 
 
 def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
@@ -329,6 +359,22 @@ def validate_config(config) -> None:
             raise ValueError(f"config.{key}={value!r}; expected a positive integer.")
     if config.optimizer.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.")
+    if config.model.get("pretrained_required") and not config.model.encoder_init:
+        raise ValueError(
+            "config.model.encoder_init is not set, and this paper config trains from an ImageNet-pretrained "
+            f"{config.model.encoder} (paper Sec. 4.1); expected --config.model.encoder_init=<weight file> (a "
+            "torchvision/timm .pth, .pt, .safetensors or .npz; README 'Pretrained encoders'), or "
+            "--config.model.encoder_init=scratch to train from scratch on purpose.")
+    schedule = config.optimizer.get("schedule", "poly")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"config.optimizer.schedule={schedule!r}; expected one of {', '.join(LR_SCHEDULES)}.")
+    if config.init_from.scope not in checkpoint_lib.INIT_SCOPES:
+        raise ValueError(f"config.init_from.scope={config.init_from.scope!r}; expected one of "
+                         f"{', '.join(checkpoint_lib.INIT_SCOPES)}.")
+    for key in ("lr_scale", "base_lr_scale"):
+        value = config.init_from.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"config.init_from.{key}={value!r}; expected a number > 0.")
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
     checkpoint_lib.parse_accepted_keys(config.get("accept_changed_keys"),
                                        checkpoint_lib.flatten_config(json.loads(checkpoint_lib.config_to_json(config))))
@@ -416,7 +462,7 @@ def create_sharded_train_state(config, model: MultiTaskModel, mesh: Mesh):
 
     Checkpoints restore onto this state's global shardings, so every process gets its part of the mesh.
     """
-    learning_rate_fn = create_learning_rate_fn(config.optimizer, config.num_train_steps)
+    learning_rate_fn = run_learning_rate_fn(config, config.num_train_steps)
     state, tx = create_train_state(config, model, jax.random.key(config.seed), learning_rate_fn)
     state_sharding = jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
     return jax.device_put(state, state_sharding), state_sharding, tx, learning_rate_fn

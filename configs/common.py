@@ -11,11 +11,14 @@ Strategies are settings of orthogonal fields, never separate code paths:
 | `single:<task>`     | `tasks=(task,)`                                                   |
 | `joint`             | all tasks of the config, equal weighting, no aux                  |
 | `kendall`           | `loss_weighting='kendall'` (uncertainty weighting, Kendall et al.) |
-| `deep_supervision`  | `deep_supervision.tasks = tasks`                                  |
-| `prior:<workdir>`   | `init_from.path = workdir` (its `main` encoder initialises ours)  |
+| `deep_supervision`  | `deep_supervision.tasks = tasks` (`:<task>`: that task only, DS_i) |
+| `prior:<workdir>`   | `init_from.path = workdir`, `init_from.scope = 'network'`, `init_from.base_lr_scale = 0.1`: the single-task run's encoder and decoder initialise ours, lr / 10 |
 | `auxi:<task>`       | `aux.tasks = (task,)`                                             |
 | `auxi_all`          | `aux.tasks = tasks`                                               |
 | `auxi_nas:<file>`   | `aux.genotype = file` (a genotype JSON; it sets the aux tasks and stages) |
+
+The variant key `prior=<workdir>` adds the Prior initialisation (and lr / 10) to any strategy: the paper's AT_2
+is `strategy=auxi:depth,prior=<segmentation run>`.
 
 Example: `--config=configs/synthetic_three_task.py:strategy=auxi_nas:configs/genotypes/example_three_task.json`.
 """
@@ -76,7 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.decoder = "ushape"
     config.model.head_channels = ml_collections.config_dict.placeholder(int)
     config.model.dtype = "float32"
+    # An ImageNet weight file for the encoder (README "Pretrained encoders"), or 'scratch'. The paper configs set
+    # model.pretrained_required: they stop without one instead of silently training from scratch.
     config.model.encoder_init = ml_collections.config_dict.placeholder(str)
+    config.model.pretrained_required = False
 
     config.aux = ml_collections.ConfigDict()
     config.aux.tasks = ()
@@ -100,13 +106,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.init_from = ml_collections.ConfigDict()
     config.init_from.path = ml_collections.config_dict.placeholder(str)
-    config.init_from.scope = "encoder"
-    config.init_from.lr_scale = 1.0
+    config.init_from.scope = "encoder"  # encoder | network | main | all (see checkpoint.load_init_variables)
+    config.init_from.lr_scale = 1.0  # extra factor on the loaded modules' updates
+    config.init_from.base_lr_scale = 1.0  # factor on the base lr of a run started from another run
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 0.01
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 1e-4
+    config.optimizer.schedule = "poly"  # poly: lr·(1 − t/T)^poly_power; constant: lr throughout
     config.optimizer.poly_power = 0.9
     config.optimizer.warmup_steps = 0
 
@@ -155,8 +163,8 @@ def parse_variant(arg: str | None) -> dict[str, str]:
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise ValueError(f"Config variant {part!r} in {arg!r} is not of the form key=value.")
-        if key != "strategy" and key not in VARIANT_KEYS:
-            allowed = ", ".join(["strategy", *VARIANT_KEYS])
+        if key not in ("strategy", "prior") and key not in VARIANT_KEYS:
+            allowed = ", ".join(["strategy", "prior", *VARIANT_KEYS])
             raise ValueError(f"Unknown config variant key {key!r} in {arg!r}; expected one of: {allowed}.")
         items[key] = value
     return items
@@ -164,9 +172,13 @@ def parse_variant(arg: str | None) -> dict[str, str]:
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Applies a variant string (see `parse_variant`) to `config` in place and returns it."""
-    for key, value in parse_variant(arg).items():
-        if key == "strategy":
-            apply_strategy(config, value)
+    items = parse_variant(arg)
+    if "strategy" in items:  # first: a strategy resets the fields the other keys may set
+        apply_strategy(config, items.pop("strategy"))
+    for key, value in items.items():
+        if key == "prior":
+            apply_prior(config, value)
+            config.name = f"{config.name}_from_prior"
         else:
             _set_path(config, VARIANT_KEYS[key], value)
     return config
@@ -183,10 +195,11 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_colle
         raise ValueError(f"Unknown strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)} (single and auxi "
                          "take ':<task>', prior takes ':<workdir>', auxi_nas takes ':<genotype.json>').")
     arguments = {"single": "task", "auxi": "task", "prior": "workdir", "auxi_nas": "genotype.json"}
-    if (name in arguments) != bool(argument):
+    optional = {"deep_supervision": "task"}
+    if (name in arguments and not argument) or (argument and name not in arguments and name not in optional):
         form = f"{name}:<{arguments[name]}>" if name in arguments else name
         raise ValueError(f"Strategy {strategy!r} must be written as {form!r}.")
-    if name in ("single", "auxi") and argument not in config.tasks:
+    if name in ("single", "auxi", "deep_supervision") and argument and argument not in config.tasks:
         raise ValueError(f"Strategy {strategy!r}: task {argument!r} is not among config.tasks {tuple(config.tasks)}.")
     config.name = strategy.replace(":", "_") if name not in ("prior", "auxi_nas") else name
     config.aux.tasks = ()
@@ -194,14 +207,16 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_colle
     config.deep_supervision.tasks = ()
     config.loss_weighting = "equal"
     config.init_from.path = None
+    config.init_from.scope = "encoder"
+    config.init_from.base_lr_scale = 1.0
     if name == "single":
         config.tasks = (argument,)
     elif name == "kendall":
         config.loss_weighting = "kendall"
     elif name == "deep_supervision":
-        config.deep_supervision.tasks = tuple(config.tasks)
+        config.deep_supervision.tasks = (argument,) if argument else tuple(config.tasks)
     elif name == "prior":
-        config.init_from.path = argument
+        apply_prior(config, argument)
     elif name == "auxi":
         config.aux.tasks = (argument,)
     elif name == "auxi_all":
@@ -209,6 +224,15 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_colle
     elif name == "auxi_nas":
         config.aux.genotype = argument
         config.aux.features = ()
+    return config
+
+
+def apply_prior(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The paper's Prior initialisation (Sec. 4.2, footnote 1): the whole network of the run in `workdir` (encoder
+    and its task decoders) initialises ours and the base learning rate is divided by 10."""
+    config.init_from.path = workdir
+    config.init_from.scope = "network"
+    config.init_from.base_lr_scale = 0.1
     return config
 
 
@@ -266,4 +290,6 @@ def make_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     config.eval_every_steps = 2
     config.checkpoint_every_steps = 2
     config.progress_bar = False
+    if config.model.pretrained_required and not config.model.encoder_init:
+        config.model.encoder_init = "scratch"  # a smoke test, not a paper run
     return config

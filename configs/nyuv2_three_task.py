@@ -1,8 +1,10 @@
 r"""NYUv2 three tasks in the mtan layout (288x384, 13 classes + depth + normals), the benchmark other MTL libraries
 (LibMTL, mtan, Nash-MTL) report on. Build `nyu_v2/mtan` from their preprocessed .npy folders first, then:
 
-  python run.py --config=configs/nyuv2_three_task.py --workdir=workdirs/mtan_auxi_all
-  python run.py --config=configs/nyuv2_three_task.py:strategy=joint --workdir=workdirs/mtan_joint
+  python run.py --config=configs/nyuv2_three_task.py --workdir=workdirs/mtan_auxi_all \
+    --config.model.encoder_init=/data/weights/mobilenet_v2-b0353104.pth
+  python run.py --config=configs/nyuv2_three_task.py:strategy=joint --workdir=workdirs/mtan_joint \
+    --config.model.encoder_init=scratch   # from scratch, on purpose
 """
 
 from auxmtl_configs import common
@@ -12,6 +14,7 @@ def get_config(arg=None):
     """mtan-layout NYUv2 setting; `arg` is a variant string (default strategy auxi_all)."""
     runlocal, arg = common.split_runlocal(arg)
     config = common.base_config()
+    config.model.pretrained_required = True  # paper Sec. 4.1 trains from ImageNet weights
     config.dataset.name = "nyu_v2"
     config.dataset.config = "mtan"
     config.input.crop_size = (288, 384)

@@ -32,6 +32,17 @@ def test_paper_configs_use_the_paper_recipe(module):
     assert config.model.encoder == "mobilenet_v2" and config.aux.tasks == tuple(config.tasks)
 
 
+@pytest.mark.parametrize("module", CONFIG_MODULES[1:])
+def test_paper_configs_stop_without_an_imagenet_encoder_unless_told_scratch(module):
+    config = get_config(module)
+    with pytest.raises(ValueError, match=r"config\.model\.encoder_init is not set.*encoder_init=scratch"):
+        train.validate_config(config)
+    config.model.encoder_init = "scratch"
+    train.validate_config(config)
+    assert get_config(module, "runlocal").model.encoder_init == "scratch"  # smoke tests say so explicitly
+    train.validate_config(get_config("synthetic_three_task"))  # the demo trains from scratch by design
+
+
 def test_strategies_set_orthogonal_fields():
     config = get_config("sunrgbd_three_task", "strategy=auxi:depth,decoder=context,width=0.5")
     assert config.aux.tasks == ("depth",) and config.model.decoder == "context"
@@ -42,8 +53,18 @@ def test_strategies_set_orthogonal_fields():
     assert config.deep_supervision.tasks == ("segmentation", "depth") and config.aux.tasks == ()
     config = get_config("nyuv2_two_task", "strategy=kendall")
     assert config.loss_weighting == "kendall" and config.aux.tasks == ()
+    config = get_config("nyuv2_two_task", "strategy=deep_supervision:depth")
+    assert config.deep_supervision.tasks == ("depth",) and config.name == "deep_supervision_depth"
     config = get_config("nyuv2_two_task", "strategy=prior:/runs/depth")
-    assert config.init_from.path == "/runs/depth"
+    assert (config.init_from.path, config.init_from.scope, config.init_from.base_lr_scale) == (
+        "/runs/depth", "network", 0.1)
+    assert config.aux.tasks == ()
+    config = get_config("nyuv2_two_task", "prior=/runs/seg,strategy=auxi:depth")  # the paper's AT_2
+    assert (config.init_from.path, config.init_from.scope, config.init_from.base_lr_scale) == (
+        "/runs/seg", "network", 0.1)
+    assert config.aux.tasks == ("depth",) and config.name == "auxi_depth_from_prior"
+    config = get_config("nyuv2_two_task", "strategy=auxi:depth")
+    assert (config.init_from.path, config.init_from.scope, config.init_from.base_lr_scale) == (None, "encoder", 1.0)
     config = get_config("synthetic_three_task", f"strategy=auxi_nas:{EXAMPLE_GENOTYPE}")
     assert (config.aux.genotype, config.aux.tasks, config.aux.features) == (str(EXAMPLE_GENOTYPE), (), ())
     assert config.name == "auxi_nas"
@@ -56,6 +77,8 @@ def test_strategies_set_orthogonal_fields():
     ("strategy=mtan", r"Unknown strategy 'mtan'"),
     ("strategy=single", r"must be written as 'single:<task>'"),
     ("strategy=auxi_nas", r"must be written as 'auxi_nas:<genotype\.json>'"),
+    ("strategy=joint:depth", r"must be written as 'joint'"),
+    ("strategy=deep_supervision:height", r"task 'height' is not among config\.tasks"),
     ("decoder", r"is not of the form key=value"),
     ("colour=red", r"Unknown config variant key 'colour'"),
     ("width=wide", r"model\.width_multiplier='wide': expected a value of type float"),

@@ -13,6 +13,7 @@ from auxmtl_jax import tasks as task_lib
 from auxmtl_jax.models import (ADAPTORS, AGGREGATES, DECODERS, ENCODERS, OPERATIONS, RESOLUTIONS, ModelOutputs,
                                build_model, encoder_stages)
 from auxmtl_jax.models.auxiliary import downsample_to
+from auxmtl_jax.models.decoders import ObjectContextDecoder, object_context_attention
 from auxmtl_jax.models.layers import DepthwiseConv, symmetric_padding
 
 TASKS = {"segmentation": 5, "depth": 1, "normal": 3}
@@ -107,6 +108,31 @@ def test_output_shapes_for_every_encoder_decoder_and_task(encoder, decoder):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(outputs))
 
 
+def test_object_context_attention_rows_sum_to_one_and_weigh_similar_positions():
+    rng = np.random.default_rng(0)
+    query = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
+    key = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
+    weights = object_context_attention(query, key)
+    assert weights.shape == (2, 12, 12)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+    scores = np.einsum("bqc,bkc->bqk", query, key) / math.sqrt(8)
+    expected = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(weights, expected / expected.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+def test_ocnet_decoder_starts_without_context_and_predicts_at_feature_resolution():
+    decoder = ObjectContextDecoder(out_channels=5, channels=16)
+    feature = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 5, 32)), jnp.float32)
+    variables = decoder.init(jax.random.key(0), feature, train=False)
+    assert set(variables["params"]) == {"reduce", "query_key", "value", "context_out", "fuse", "output"}
+    assert variables["params"]["query_key"]["conv"]["kernel"].shape == (1, 1, 16, 8)
+    assert not np.any(np.asarray(variables["params"]["context_out"]["kernel"]))  # zero-initialised context
+    output = decoder.apply(variables, feature, train=False)
+    assert output.shape == (2, 6, 5, 5)
+    model = build_model(model_config(encoder="resnet50", decoder="ocnet"), TASKS)
+    assert model.main.output_stride == 8
+
+
 def test_stage_names_match_encoder_stages():
     assert build_model(model_config(), TASKS).stage_names == ("stage1", "stage2", "stage3", "stage4", "stage5")
     resnet = build_model(model_config(encoder="resnet50"), TASKS)
@@ -165,9 +191,12 @@ def test_apply_ignores_extra_top_level_params(full_model, full_variables, batch)
     assert set(outputs.aux) == set(TASKS)
 
 
-@pytest.mark.parametrize("resolution", RESOLUTIONS)
-def test_gradients_keep_aux_and_main_paths_apart(resolution, batch):
-    full_model = build_model(model_config(), TASKS, aux_config(resolution=resolution),
+@pytest.mark.parametrize("resolution, decoder, adaptor, aggregate", [
+    ("hierarchy", "ushape", "conv1x1", "concat"), ("finest", "ushape", "conv1x1", "concat"),
+    ("hierarchy", "context", "conv1x1", "concat"), ("hierarchy", "ushape", "conv3x3", "sum")])
+def test_gradients_keep_aux_and_main_paths_apart(resolution, decoder, adaptor, aggregate, batch):
+    full_model = build_model(model_config(decoder=decoder), TASKS,
+                             aux_config(resolution=resolution, adaptor=adaptor, aggregate=aggregate),
                              SimpleNamespace(tasks=("depth",)))
     full_variables = random_variables(full_model, batch["image"])
 
@@ -196,7 +225,7 @@ def test_gradients_keep_aux_and_main_paths_apart(resolution, batch):
     assert np.any(np.asarray(encoder_grads["stem"]["conv"]["kernel"]))
     assert np.any(np.asarray(encoder_grads["block17"]["project"]["conv"]["kernel"]))
     decoder_grads = {name: grads for name, grads in aux_grads["main"].items() if name != "encoder"}
-    assert set(decoder_grads) == {f"{task}_decoder" for task in TASKS}
+    assert set(decoder_grads) == {f"{task}_decoder" for task in TASKS} | ({"aspp"} if decoder == "context" else set())
     for leaf in jax.tree.leaves(decoder_grads):
         assert not np.any(np.asarray(leaf))
     assert all(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(aux_grads["aux"]))
@@ -205,6 +234,49 @@ def test_gradients_keep_aux_and_main_paths_apart(resolution, batch):
                            full_variables["batch_stats"]["main"]["encoder"]["stem"]["bn"]["mean"])
     assert not np.allclose(new_batch_stats["aux"]["depth"]["head"]["hidden"]["bn"]["var"],
                            full_variables["batch_stats"]["aux"]["depth"]["head"]["hidden"]["bn"]["var"])
+
+
+@pytest.mark.parametrize("aggregate, resolution", [("sum", "hierarchy"), ("concat", "hierarchy"), ("sum", "finest")])
+def test_aggregation_values_follow_eq_2(aggregate, resolution):
+    """h_p = h_{p-1} ⊙ D_p(O_p): the head's input is the sum (or concatenation) of the adapted stages, each earlier
+    aggregate pooled to the next stage (hierarchy) or every stage upsampled to the finest one (finest)."""
+    import flax.linen as nn
+
+    from auxmtl_jax.models.auxiliary import AuxiliaryModule
+    from auxmtl_jax.models.layers import resize_bilinear
+
+    rng = np.random.default_rng(3)
+    stages = {"stage3": jnp.asarray(rng.normal(size=(2, 8, 10, 4)), jnp.float32),
+              "stage4": jnp.asarray(rng.normal(size=(2, 4, 5, 6)), jnp.float32),
+              "stage5": jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)}
+    module = AuxiliaryModule(task="depth", out_channels=1, features=tuple(stages), aggregate=aggregate, channels=5,
+                             resolution=resolution)
+    variables = module.init(jax.random.key(0), stages, (16, 20), train=False)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        output = next_fun(*args, **kwargs)
+        name = context.module.name or ""
+        if context.method_name == "__call__" and (name.startswith("adaptor_") or name == "head"):
+            seen[name] = (args[0], output)
+        return output
+
+    bound = module.bind(variables)
+    with nn.intercept_methods(record):
+        bound(stages, (16, 20), train=False)
+    adapted = [seen[f"adaptor_{name}"][1] for name in stages]
+    if resolution == "finest":
+        adapted = [resize_bilinear(x, 8, 10) for x in adapted]
+        expected = sum(adapted) if aggregate == "sum" else jnp.concatenate(adapted, -1)
+    else:
+        expected = adapted[0]
+        for x in adapted[1:]:
+            expected = downsample_to(expected, *x.shape[1:3])
+            expected = expected + x if aggregate == "sum" else jnp.concatenate([expected, x], -1)
+    head_input = seen["head"][0]
+    assert head_input.shape == expected.shape
+    assert head_input.shape[-1] == (5 if aggregate == "sum" else 15)
+    np.testing.assert_allclose(head_input, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("implementation", ["shifted", "grouped"])

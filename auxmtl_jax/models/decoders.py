@@ -10,6 +10,8 @@ network upsamples it to the input size. Everything here is per task except the A
 * ``ushape``: per task a U-Net-style top-down path that upsamples 2x, concatenates the next shallower encoder
   stage and fuses them with a 3x3 conv + BN + ReLU (width halving at each step, ``head_channels`` at the
   shallowest sown stage), then the two-layer head.
+* ``ocnet``: per task the base object-context head of Yuan & Wang 2018 (OCNet) on the last encoder feature
+  (stride 8 by default, the paper's ResNet-50 setting of Table 3); see ``ObjectContextDecoder``.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from auxmtl_jax.models.layers import ConvBN, PredictionHead, SeparableConvBN, resize_bilinear
+from auxmtl_jax.models.layers import ConvBN, PredictionHead, SeparableConvBN, conv2d, resize_bilinear
 
 Dtype = Any
 
-DECODERS = ("baseline", "context", "ushape")
+DECODERS = ("baseline", "context", "ushape", "ocnet")
 # The paper runs Baseline/Context at stride 8 ("8x bilinear upsampling"); a U-shape decoder wants the full pyramid.
-DEFAULT_OUTPUT_STRIDE = {"baseline": 8, "context": 8, "ushape": 32}
-# Chosen so that MobileNetV2 (width 1.0) with segmentation (40 classes) + depth matches the paper's Table 1.
-DEFAULT_HEAD_CHANNELS = {"baseline": 256, "context": 256, "ushape": 28}
+DEFAULT_OUTPUT_STRIDE = {"baseline": 8, "context": 8, "ushape": 32, "ocnet": 8}
+# Chosen so that MobileNetV2 (width 1.0) with segmentation (40 classes) + depth matches the paper's Table 1;
+# OCNet's reduction width is 512 (its official code).
+DEFAULT_HEAD_CHANNELS = {"baseline": 256, "context": 256, "ushape": 28, "ocnet": 512}
 _DEEPLAB_RATES_AT_STRIDE_16 = (6, 12, 18)
 
 
@@ -85,3 +88,44 @@ class UShapeDecoder(nn.Module):
             x = ConvBN(width, 3, dtype=self.dtype, name=f"fuse_{name}")(
                 jnp.concatenate([x, skip.astype(x.dtype)], -1), train)
         return PredictionHead(self.out_channels, self.channels, dtype=self.dtype, name="head")(x, train)
+
+
+def object_context_attention(query: jax.Array, key: jax.Array) -> jax.Array:
+    """Scaled dot-product attention weights over positions: [B, N, C] x [B, N, C] -> [B, N, N], rows sum to 1."""
+    scores = jnp.einsum("bqc,bkc->bqk", query.astype(jnp.float32), key.astype(jnp.float32))
+    return jax.nn.softmax(scores * query.shape[-1] ** -0.5, axis=-1)
+
+
+class ObjectContextDecoder(nn.Module):
+    """OCNet's base object-context head (Yuan & Wang 2018) for one task.
+
+    A 3x3 conv + BN + ReLU reduces the feature to ``channels``; a self-attention block computes each position's
+    object context (query = key = one shared 1x1 conv + BN + ReLU to ``channels // 2``, values a 1x1 conv to
+    ``channels // 2``, softmax of the scaled similarities over all positions, then a zero-initialised 1x1 conv back
+    to ``channels``, so training starts from no context); the context is concatenated with the reduced feature,
+    fused by a 1x1 conv + BN + ReLU to ``channels`` and mapped to the task by a 1x1 conv. Differences from the
+    official code: ReLU instead of its in-place-ABN LeakyReLU(0.01), no Dropout2d(0.05) before the classifier, and
+    no layer-3 auxiliary classifier (the paper's deep supervision is the `deep_supervision` strategy).
+    Parameters: ``reduce``, ``query_key``, ``value``, ``context_out``, ``fuse``, ``output``.
+    """
+
+    out_channels: int
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feature: jax.Array, train: bool) -> jax.Array:
+        x = ConvBN(self.channels, 3, dtype=self.dtype, name="reduce")(feature, train)
+        batch, height, width, _ = x.shape
+        attention_channels = max(1, self.channels // 2)
+        query_key = ConvBN(attention_channels, 1, dtype=self.dtype, name="query_key")(x, train)
+        value = conv2d(attention_channels, 1, use_bias=True, dtype=self.dtype, name="value")(x)
+        positions = query_key.reshape(batch, height * width, attention_channels)
+        weights = object_context_attention(positions, positions)
+        context = jnp.einsum("bqk,bkc->bqc", weights.astype(self.dtype),
+                             value.reshape(batch, height * width, attention_channels))
+        context = nn.Conv(self.channels, (1, 1), use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
+                          kernel_init=nn.initializers.zeros, name="context_out")(
+            context.reshape(batch, height, width, attention_channels))
+        x = ConvBN(self.channels, 1, dtype=self.dtype, name="fuse")(jnp.concatenate([context, x], -1), train)
+        return conv2d(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="output")(x)

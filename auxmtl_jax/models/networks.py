@@ -36,7 +36,7 @@ from auxmtl_jax import tasks as task_lib
 from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, RESOLUTIONS, AuxiliaryModule, DeepSupervisionHeads
 from auxmtl_jax.models.cells import AuxiliaryCells
 from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
-                                        UShapeDecoder, aspp_rates)
+                                        ObjectContextDecoder, UShapeDecoder, aspp_rates)
 from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_module, encoder_stages
 from auxmtl_jax.models.layers import PredictionHead, to_task_output
 from auxmtl_jax.nas.genotype import CellSpace, Genotype, GenotypeError, load_genotype
@@ -49,7 +49,8 @@ _MAX_DEEP_SUPERVISION_HIDDEN = 64
 
 
 class MultiTaskNet(nn.Module):
-    """Shared encoder (+ ASPP for ``context``) and one decoder per task; outputs at input resolution.
+    """Shared encoder (+ ASPP for ``context``) and one decoder per task (``baseline``, ``context``, ``ushape`` or
+    ``ocnet``); outputs at input resolution.
 
     ``tasks`` is a tuple of ``(task, output_channels)``. Parameters: ``encoder``, ``aspp`` (context only) and
     ``{task}_decoder`` per task.
@@ -71,6 +72,10 @@ class MultiTaskNet(nn.Module):
         if self.decoder == "ushape":
             raw = {task: UShapeDecoder(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
                 stages, train) for task, channels in self.tasks}
+        elif self.decoder == "ocnet":
+            raw = {task: ObjectContextDecoder(channels, self.head_channels, dtype=self.dtype,
+                                              name=f"{task}_decoder")(stages[list(stages)[-1]], train)
+                   for task, channels in self.tasks}
         else:
             shared = stages[list(stages)[-1]]
             if self.decoder == "context":

@@ -65,7 +65,7 @@ def time_naive(config, genotypes) -> list[float]:
         start = time.perf_counter()
         aux = SimpleNamespace(genotype=genotype_from_json_dict(genotype), channels=config.aux.channels)
         model = build_model(config.model, channels, aux_cfg=aux)
-        lr_fn = train_lib.create_learning_rate_fn(config.optimizer, sum(config.search.steps))
+        lr_fn = train_lib.run_learning_rate_fn(config, sum(config.search.steps))
         state, tx = train_lib.create_train_state(config, model, jax.random.key(config.seed), lr_fn)
         step = jax.jit(functools.partial(train_lib.train_step, model=model, config=config, tx=tx,
                                          learning_rate_fn=lr_fn))

@@ -132,6 +132,20 @@ def test_architecture_variants_train_two_steps(variant, data_dir, tmp_path):
     assert set(record["metrics"]) == {"segmentation", "depth"}
 
 
+@pytest.mark.parametrize("genotype_file", sorted(EXAMPLE_GENOTYPE.parent.glob("*.json")), ids=lambda path: path.name)
+def test_shipped_genotypes_fit_the_demo_network(genotype_file):
+    import jax
+    import jax.numpy as jnp
+
+    from auxmtl_jax import nas
+
+    config = get_config("synthetic_three_task", f"strategy=auxi_nas:{genotype_file}")
+    model = train.create_model(config, num_classes=13)
+    assert model.aux_genotype == nas.load_genotype(genotype_file)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 80, 3), jnp.float32))
+    assert set(shapes["params"]["aux"]) == set(nas.load_genotype(genotype_file).tasks)
+
+
 def test_auxi_nas_trains_evaluates_resumes_and_keeps_its_genotype(data_dir, tmp_path):
     """The README's Auxi-NAS run: trains the example genotype with two evaluations and checkpoints, exports `main`
     only, records the genotype; resuming with a changed genotype file is refused, a bad one fails before any

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from auxmtl_configs import common
 from auxmtl_jax import nas
@@ -91,6 +92,32 @@ def test_population_sharded_over_a_candidates_axis_equals_one_device(setup):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"population of 3 candidates does not split over 4 devices"):
         population_lib.population_sharding(mesh, population_lib.start_population(setup.start, genotypes(1, 2, 3)))
+
+
+def test_search_mesh_uses_the_most_devices_that_split_the_population():
+    devices = jax.devices()[:4]
+    sizes = {population: population_lib.search_mesh(population, devices) for population in (1, 2, 3, 4, 6, 8, 7)}
+    assert sizes[1] is None and sizes[7] is None  # no split: plain vmap on one device
+    assert {population: mesh.size for population, mesh in sizes.items() if mesh is not None} == {
+        2: 2, 3: 3, 4: 4, 6: 3, 8: 4}
+    assert population_lib.search_mesh(4, devices[:1]) is None
+
+
+def test_sharded_evaluation_equals_one_device(setup):
+    mesh = population_lib.candidates_mesh(jax.devices()[:2])
+    population, _ = setup.step(population_lib.start_population(setup.start, genotypes(3, 4)), setup.batch)
+    states = population_lib.empty_metric_states(tuple(TASKS), TASKS["segmentation"], 2)
+    evaluate = functools.partial(population_lib.population_eval_step, model=setup.model)
+    expected = jax.jit(evaluate)(population, states, setup.batch)
+    split = NamedSharding(mesh, PartitionSpec(population_lib.CANDIDATES_AXIS))
+    got = jax.jit(population_lib.shard_over_candidates(evaluate, mesh, candidate_args=2))(
+        jax.device_put(population, split), jax.device_put(states, split), setup.batch)
+    for index in range(2):
+        want = population_lib.candidate_metrics(expected, index)
+        have = population_lib.candidate_metrics(got, index)
+        for task in TASKS:
+            for name, value in want[task].items():
+                assert have[task][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (index, task, name)
 
 
 def test_evaluation_uses_each_candidates_polyak_main(setup):

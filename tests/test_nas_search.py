@@ -4,6 +4,7 @@ and a search killed after a generation resumes with the genotypes an uninterrupt
 import contextlib
 import importlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -38,7 +39,8 @@ def genotype_sequence(workdir):
             .splitlines()]
 
 
-def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_dir, tmp_path, monkeypatch):
+def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_dir, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="auxmtl_jax")
     traces = []
     step = population_lib.population_train_step
 
@@ -50,6 +52,7 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     straight = tmp_path / "straight"
     best = train.train_and_evaluate(search_config(data_dir), str(straight))
     assert len(traces) == 1  # three generations, one compiled population step
+    assert "each generation's 2 candidates are split over 2 devices" in caplog.text  # 4 host devices in tests
     lines = [json.loads(line) for line in (straight / search_lib.SEARCH_LOG).read_text().splitlines()]
     assert [line["candidate"] for line in lines] == list(range(6))
     assert {"genotype", "reward", "metrics", "steps_trained", "early_terminated", "seconds"} <= set(lines[0])
@@ -98,6 +101,7 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     ("polyak_decay", 1.0, r"search\.polyak_decay=1\.0"),
     ("meta_train_fraction", 1.0, r"search\.meta_train_fraction=1\.0"),
     ("ppo.buffer_size", 1, r"search\.population=2 exceeds search\.ppo\.buffer_size=1"),
+    ("devices", 5, r"search\.devices=5; expected 0 \(every local device\) up to the 4 local device"),
     ("ppo.clip", 0.2, r"search\.ppo: unknown field\(s\) \['clip'\]"),
     ("ppo.epochs", 0, r"search\.ppo: PPOConfig: .*epochs must be >= 1"),
 ])

@@ -91,6 +91,14 @@ def candidates_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), (CANDIDATES_AXIS,))
 
 
+def search_mesh(population: int, devices=None) -> Mesh | None:
+    """The ``candidates`` mesh a search of ``population`` candidates per generation runs on: the most devices that
+    split the population evenly; None on one device (then the population is plain ``vmap``)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    size = max(count for count in range(1, len(devices) + 1) if population % count == 0)
+    return None if size == 1 else candidates_mesh(devices[:size])
+
+
 def population_sharding(mesh: Mesh, population: PopulationState):
     """Shardings that split every leaf's leading (candidate) axis over the mesh's ``candidates`` axis."""
     size = mesh.shape[CANDIDATES_AXIS]
@@ -101,8 +109,10 @@ def population_sharding(mesh: Mesh, population: PopulationState):
     return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec(CANDIDATES_AXIS)), population)
 
 
-def shard_over_candidates(function, mesh: Mesh):
-    """``function(population, batch) -> (population, per-candidate metrics)`` with each device running its share
-    of the candidates (an explicit shard_map: XLA's partitioner cannot split vmapped convolutions itself)."""
-    candidates, shared = PartitionSpec(CANDIDATES_AXIS), PartitionSpec()
-    return jax.shard_map(function, mesh=mesh, in_specs=(candidates, shared), out_specs=(candidates, candidates))
+def shard_over_candidates(function, mesh: Mesh, candidate_args: int = 1):
+    """``function(*per_candidate, shared)`` with each device running its share of the candidates: the first
+    ``candidate_args`` arguments and every output are split on their leading axis, the last argument (the batch)
+    is shared. An explicit shard_map, because XLA's partitioner cannot split vmapped convolutions itself."""
+    candidates = PartitionSpec(CANDIDATES_AXIS)
+    return jax.shard_map(function, mesh=mesh, in_specs=(candidates,) * candidate_args + (PartitionSpec(),),
+                         out_specs=candidates)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import input_pipeline
@@ -104,6 +105,11 @@ def validate_search_config(config) -> ppo_lib.PPOConfig:
         raise ValueError(f"search.polyak_decay={search.polyak_decay!r}; expected a value in [0, 1)")
     if search.termination_fraction < 0:
         raise ValueError(f"search.termination_fraction={search.termination_fraction!r}; expected >= 0")
+    devices = search.get("devices", 0)
+    available = len(jax.local_devices())
+    if isinstance(devices, bool) or not isinstance(devices, int) or not 0 <= devices <= available:
+        raise ValueError(f"search.devices={devices!r}; expected 0 (every local device) up to the {available} local "
+                         f"device(s)")
     settings = ppo_config(config)
     if search.population > settings.buffer_size:
         raise ValueError(f"search.population={search.population} exceeds search.ppo.buffer_size="
@@ -127,6 +133,13 @@ class SearchSetup:
     meta_val: Any
     num_classes: int | None
     ppo: ppo_lib.PPOConfig
+    mesh: Any  # the `candidates` mesh, or None on one device
+
+    def place(self, tree):
+        """``tree`` (leading axis = candidate) split over the mesh's devices; unchanged on one device."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec(population_lib.CANDIDATES_AXIS)))
 
 
 def prepare_search(config) -> SearchSetup:
@@ -139,25 +152,31 @@ def prepare_search(config) -> SearchSetup:
     probe = build_model(config.model, channels)
     space = search_space(config, probe.stage_names)
     model = build_model(config.model, channels, aux_cfg=SimpleNamespace(genotype=space, channels=config.aux.channels))
-    lr_fn = train_lib.create_learning_rate_fn(config.optimizer, sum(config.search.steps))
+    lr_fn = train_lib.run_learning_rate_fn(config, sum(config.search.steps))
     start, tx = train_lib.create_train_state(config, model, jax.random.key(config.seed), lr_fn)
-    step_fn = jax.jit(functools.partial(population_lib.population_train_step, model=model, config=config, tx=tx,
-                                        learning_rate_fn=lr_fn, polyak_decay=config.search.polyak_decay))
-    eval_fn = jax.jit(functools.partial(population_lib.population_eval_step, model=model))
+    step_fn = functools.partial(population_lib.population_train_step, model=model, config=config, tx=tx,
+                                learning_rate_fn=lr_fn, polyak_decay=config.search.polyak_decay)
+    eval_fn = functools.partial(population_lib.population_eval_step, model=model)
+    devices = jax.local_devices()[:config.search.get("devices", 0) or None]
+    mesh = population_lib.search_mesh(config.search.population, devices)
+    if mesh is not None:
+        log.info("each generation's %d candidates are split over %d devices", config.search.population, mesh.size)
+        step_fn = population_lib.shard_over_candidates(step_fn, mesh)
+        eval_fn = population_lib.shard_over_candidates(eval_fn, mesh, candidate_args=2)
     controller = Controller(space, hidden_size=config.search.controller.hidden_size,
                             num_layers=config.search.controller.num_layers)
     sample_fn = jax.jit(controller.sample_batch, static_argnums=2)
     meta_train_cfg, meta_val_cfg = meta_dataset_configs(config)
     meta_val = input_pipeline.create_eval_dataset(meta_val_cfg, config.input, tasks=tuple(config.tasks),
                                                   global_batch_size=config.eval_batch_size)
-    return SearchSetup(config, controller, model, start, step_fn, eval_fn, sample_fn, meta_train_cfg, meta_val,
-                   dataset.num_classes, ppo_settings)
+    return SearchSetup(config, controller, model, start, jax.jit(step_fn), jax.jit(eval_fn), sample_fn,
+                       meta_train_cfg, meta_val, dataset.num_classes, ppo_settings, mesh)
 
 
 def _score(search: SearchSetup, population: population_lib.PopulationState) -> list[tuple[float, dict]]:
     """(reward, metrics) of every candidate on the whole meta-val split."""
     count = population.active.shape[0]
-    states = population_lib.empty_metric_states(tuple(search.config.tasks), search.num_classes, count)
+    states = search.place(population_lib.empty_metric_states(tuple(search.config.tasks), search.num_classes, count))
     for batch in search.meta_val:
         states = search.eval_fn(population, states, batch)
     results = []
@@ -182,7 +201,8 @@ def run_generation(search: SearchSetup, ppo_state: ppo_lib.PPOState, generation:
     tokens = np.asarray(sampled.tokens)
     genotypes = [search.controller.genotype(row) for row in tokens]
     started = time.perf_counter()
-    population = population_lib.start_population(search.start, np.stack([g.as_array() for g in genotypes]))
+    population = search.place(population_lib.start_population(search.start,
+                                                              np.stack([g.as_array() for g in genotypes])))
     batches = input_pipeline.create_train_iterator(search.meta_train, search.config.input,
                                                    tasks=tuple(search.config.tasks),
                                                    global_batch_size=search.config.batch_size, seed=search.config.seed)
@@ -193,7 +213,7 @@ def run_generation(search: SearchSetup, ppo_state: ppo_lib.PPOState, generation:
     survivors = first_rewards >= threshold
     final = first
     if config.steps[1] > 0 and survivors.any():
-        population = population.replace(active=jnp.asarray(survivors))
+        population = population.replace(active=search.place(jnp.asarray(survivors)))
         population = _train(search, population, batches, config.steps[1])
         second = _score(search, population)
         final = [second[index] if survivors[index] else first[index] for index in range(len(first))]

@@ -12,7 +12,8 @@ Strategies are settings of orthogonal fields, never separate code paths:
 | `joint`             | all tasks of the config, equal weighting, no aux                  |
 | `kendall`           | `loss_weighting='kendall'` (uncertainty weighting, Kendall et al.) |
 | `deep_supervision`  | `deep_supervision.tasks = tasks` (`:<task>`: that task only, DS_i) |
-| `prior:<workdir>`   | `init_from.path = workdir`, `init_from.scope = 'network'`, `init_from.base_lr_scale = 0.1`: the single-task run's encoder and decoder initialise ours, lr / 10 |
+| `prior:<workdir>`   | `init_from.path/scope/base_lr_scale = workdir/'network'/0.1`: that   |
+|                     | run's encoder and decoders initialise ours; base lr / 10          |
 | `auxi:<task>`       | `aux.tasks = (task,)`                                             |
 | `auxi_all`          | `aux.tasks = tasks`                                               |
 | `auxi_nas:<file>`   | `aux.genotype = file` (a genotype JSON; it sets the aux tasks and stages) |

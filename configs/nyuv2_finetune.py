@@ -9,6 +9,8 @@ modules. Name the pre-trained workdir with `from=` and the same strategy it was 
     --workdir=workdirs/nyu_finetune_auxi_all
   python run.py --config=configs/nyuv2_finetune.py:from=workdirs/nyu_pretrain_joint,strategy=joint \
     --workdir=workdirs/nyu_finetune_joint
+  python run.py --workdir=workdirs/nyu_ft_nas \
+    --config=configs/nyuv2_finetune.py:from=workdirs/pre_nas,strategy=auxi_nas:workdirs/pre_nas/aux_genotype.json
 """
 
 from auxmtl_configs import common

@@ -1,9 +1,11 @@
 """Configs: variant strings, strategies as field settings, and every strategy of every config training 2 steps."""
 
+import copy
 import importlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from auxmtl_jax import train
@@ -11,6 +13,12 @@ from auxmtl_configs import common
 
 EXAMPLE_GENOTYPE = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "example_three_task.json"
 CONFIG_MODULES = ("synthetic_three_task", "sunrgbd_three_task", "nyuv2_two_task", "nyuv2_three_task")
+
+
+def record_classes(config):
+    from auxmtl_jax import input_pipeline
+
+    return input_pipeline.dataset_info(config.dataset).num_classes
 
 
 def get_config(module, arg=None):
@@ -167,6 +175,17 @@ def test_auxi_nas_trains_evaluates_resumes_and_keeps_its_genotype(data_dir, tmp_
     assert [line["step"] for line in logged if line["kind"] == "eval"] == [2, 4]
     exported = checkpoint_lib.load_inference_variables(workdir / checkpoint_lib.INFERENCE_DIR)
     assert set(exported["params"]) == {"encoder", *(f"{task}_decoder" for task in config.tasks)}
+
+    # a fine-tune of this run (init_from scope 'all') starts from its trained Auxi-NAS cells
+    import jax
+
+    finetune = copy.deepcopy(config)
+    finetune.init_from.path, finetune.init_from.scope = str(workdir), "all"
+    model = train.create_model(finetune, num_classes=record_classes(config))
+    state, _ = train.create_train_state(finetune, model, jax.random.key(1), train.run_learning_rate_fn(finetune, 4))
+    trained = checkpoint_lib.load_init_variables(str(workdir), "all")
+    for got, want in zip(jax.tree.leaves(state.params["aux"]), jax.tree.leaves(trained["params"]["aux"])):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
     changed = json.loads(genotype_file.read_text())
     changed["cells"]["depth"][0][2] = 4

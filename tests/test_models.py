@@ -133,6 +133,36 @@ def test_ocnet_decoder_starts_without_context_and_predicts_at_feature_resolution
     assert model.main.output_stride == 8
 
 
+def test_resnet_blocks_are_selectable_aux_inputs():
+    """aux.features may name any ResNet-50 residual block; a layer's last block is that stage's feature."""
+    from auxmtl_jax.models import encoder_features
+
+    names = encoder_features("resnet50", width_multiplier=0.25)
+    assert names[:4] == ("layer1_block0", "layer1_block1", "layer1_block2", "stage2") and names[-1] == "stage5"
+    assert len(names) == 16 + 4 and encoder_features("mobilenet_v2") == tuple(
+        stage.name for stage in encoder_stages("mobilenet_v2"))
+    images = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+    by_block = build_model(model_config(encoder="resnet50"), {"depth": 1},
+                           aux_config(tasks=("depth",), features=("layer3_block5", "layer2_block1")))
+    assert by_block.aux_modules[0][1].features == ("layer2_block1", "layer3_block5")  # shallow to deep
+    by_stage = build_model(model_config(encoder="resnet50"), {"depth": 1},
+                           aux_config(tasks=("depth",), features=("layer2_block1", "stage4")))
+    variables = by_block.init(jax.random.key(1), images)
+    aux = dict(variables["params"]["aux"]["depth"])
+    aux["adaptor_stage4"] = aux.pop("adaptor_layer3_block5")
+    stats = dict(variables["batch_stats"]["aux"]["depth"])
+    stats["adaptor_stage4"] = stats.pop("adaptor_layer3_block5")
+    renamed = {"params": {**variables["params"], "aux": {"depth": aux}},
+               "batch_stats": {**variables["batch_stats"], "aux": {"depth": stats}}}
+    from_block, _ = by_block.apply(variables, images, train=False)
+    from_stage, _ = by_stage.apply(renamed, images, train=False)
+    np.testing.assert_allclose(from_block.aux["depth"], from_stage.aux["depth"], rtol=1e-6, atol=1e-6)
+    message = r"aux\.features: \['layer9_0'\] not sown .*blocks layer<l>_block<b> \(layer1_block0 \.\. layer4_block2\)"
+    with pytest.raises(ValueError, match=message):
+        build_model(model_config(encoder="resnet50"), {"depth": 1}, aux_config(tasks=("depth",),
+                                                                                 features=("layer9_0",)))
+
+
 def test_stage_names_match_encoder_stages():
     assert build_model(model_config(), TASKS).stage_names == ("stage1", "stage2", "stage3", "stage4", "stage5")
     resnet = build_model(model_config(encoder="resnet50"), TASKS)

@@ -219,13 +219,13 @@ def torchvision_state_dicts():
 
 
 def sown_stages(encoder, variables, images_nhwc):
-    """Run our width-1.0 encoder in eval mode and return its sown ``intermediates``."""
+    """Run our width-1.0 encoder in eval mode and return its sown stage outputs (``intermediates``)."""
     module = encoder_module(encoder, width_multiplier=1.0, output_stride=32, dtype=jnp.float32)
 
     @jax.jit
     def forward(variables, images):
-        _, state = module.apply(variables, images, train=False, mutable=["intermediates"])
-        return state["intermediates"]
+        stages, state = module.apply(variables, images, train=False, mutable=["intermediates"])
+        return {name: state["intermediates"][name] for name in stages}
 
     return jax.device_get(forward(variables, images_nhwc))
 

@@ -1,4 +1,5 @@
-"""Encoders (MobileNetV2, ResNet-50) that return and sow their down-sampling stage outputs.
+"""Encoders (MobileNetV2, ResNet-50) that return and sow their down-sampling stage outputs (ResNet-50 also sows
+each residual block's output as ``layer{l}_block{b}``, selectable as an aux input).
 
 Both encoders take float32 NHWC images and return ``{stage_name: feature}`` in shallow-to-deep order. When the
 ``intermediates`` collection is mutable they also sow each stage output under the same name (keep-last), which
@@ -283,6 +284,7 @@ class ResNet50(nn.Module):
         blocks = resnet50_blocks(self.width_multiplier, self.output_stride)
         for position, spec in enumerate(blocks):
             x = Bottleneck(spec, dtype=self.dtype, name=f"layer{spec.layer}_{spec.index}")(x, train)
+            sow_stage(self, resnet_block_feature(spec), x)  # each block's output is a selectable aux input too
             if position == len(blocks) - 1 or blocks[position + 1].layer != spec.layer:
                 stage = f"stage{spec.layer + 1}"
                 sow_stage(self, stage, x)
@@ -294,6 +296,27 @@ def encoder_module(encoder: str, *, width_multiplier: float, output_stride: int,
     """Instantiate an encoder by name (names are validated by ``build_model`` before this is called)."""
     cls = {"mobilenet_v2": MobileNetV2, "resnet50": ResNet50}[encoder]
     return cls(width_multiplier=width_multiplier, output_stride=output_stride, dtype=dtype, name="encoder")
+
+
+def resnet_block_feature(block: BottleneckSpec) -> str:
+    """The name a ResNet-50 block's output is sown under (its parameters are ``layer{l}_{b}``)."""
+    return f"layer{block.layer}_block{block.index}"
+
+
+def encoder_features(encoder: str, *, width_multiplier: float = 1.0, output_stride: int = 32) -> tuple[str, ...]:
+    """Every feature an aux module may read (``aux.features``), shallow to deep: the stages and, for ResNet-50,
+    each residual block's output (``layer{l}_block{b}`` = torchvision's ``layer{l}.{b}``; a stage is its layer's
+    last block)."""
+    stages = encoder_stages(encoder, width_multiplier=width_multiplier, output_stride=output_stride)
+    if encoder != "resnet50":
+        return tuple(stage.name for stage in stages)
+    names = []
+    blocks = resnet50_blocks(width_multiplier, output_stride)
+    for position, block in enumerate(blocks):
+        names.append(resnet_block_feature(block))
+        if position == len(blocks) - 1 or blocks[position + 1].layer != block.layer:
+            names.append(f"stage{block.layer + 1}")
+    return tuple(names)
 
 
 def encoder_stages(encoder: str, *, width_multiplier: float = 1.0, output_stride: int = 32) -> tuple[StageSpec, ...]:

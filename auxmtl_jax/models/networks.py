@@ -37,7 +37,7 @@ from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, RESOLUTIONS, Auxil
 from auxmtl_jax.models.cells import AuxiliaryCells
 from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
                                         ObjectContextDecoder, UShapeDecoder, aspp_rates)
-from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_module, encoder_stages
+from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_features, encoder_module, encoder_stages
 from auxmtl_jax.models.layers import PredictionHead, to_task_output
 from auxmtl_jax.nas.genotype import CellSpace, Genotype, GenotypeError, load_genotype
 
@@ -265,7 +265,8 @@ def build_model(model_cfg: Any, tasks: Mapping[str, int], aux_cfg: Any = None,
     main = MultiTaskNet(encoder=encoder, width_multiplier=float(width_multiplier), output_stride=output_stride,
                         decoder=decoder, tasks=tuple(task_channels.items()), head_channels=head_channels,
                         dtype=dtype)
-    aux_modules = _aux_modules(aux_cfg, task_channels, stage_names, dtype)
+    selectable = encoder_features(encoder, width_multiplier=float(width_multiplier), output_stride=output_stride)
+    aux_modules = _aux_modules(aux_cfg, task_channels, stage_names, selectable, dtype)
     deep_supervision_modules = _deep_supervision_modules(deep_supervision_cfg, task_channels, stage_names,
                                                          min(head_channels, _MAX_DEEP_SUPERVISION_HIDDEN), dtype)
     return MultiTaskModel(main=main, aux_modules=aux_modules, deep_supervision_modules=deep_supervision_modules,
@@ -273,7 +274,8 @@ def build_model(model_cfg: Any, tasks: Mapping[str, int], aux_cfg: Any = None,
 
 
 def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple[str, ...],
-                 dtype: Dtype) -> tuple[tuple[str, AuxiliaryModule | AuxiliaryCells], ...]:
+                 selectable: tuple[str, ...], dtype: Dtype) -> tuple[tuple[str, AuxiliaryModule | AuxiliaryCells], ...]:
+    """The aux modules; ``selectable`` = every feature ``aux.features`` may name (stages, ResNet blocks)."""
     genotype = _field(aux_cfg, "aux.genotype", "genotype", None) if aux_cfg is not None else None
     if genotype is not None:
         return _cell_modules(aux_cfg, genotype, task_channels, stage_names, dtype)
@@ -285,13 +287,15 @@ def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple
         raise ValueError(f"aux.features: expected a sequence of stage names, got the string {features!r}; "
                          f"the encoder sows {stage_names}")
     features = tuple(features)
-    unknown = [name for name in features if name not in stage_names]
+    unknown = [name for name in features if name not in selectable]
     if unknown:
-        raise ValueError(f"aux.features: {unknown} not sown by this encoder; it sows {stage_names}")
+        blocks = [name for name in selectable if name not in stage_names]
+        also = f" and the residual blocks layer<l>_block<b> ({blocks[0]} .. {blocks[-1]})" if blocks else ""
+        raise ValueError(f"aux.features: {unknown} not sown by this encoder; it sows {stage_names}{also}")
     repeated = sorted({name for name in features if features.count(name) > 1})
     if repeated:
         raise ValueError(f"aux.features: stage(s) {repeated} listed more than once")
-    features = tuple(name for name in stage_names if name in features) if features else stage_names
+    features = tuple(name for name in selectable if name in features) if features else stage_names
     adaptor = _choice(aux_cfg, "aux.adaptor", "adaptor", ADAPTORS, default="conv1x1")
     aggregate = _choice(aux_cfg, "aux.aggregate", "aggregate", tuple(AGGREGATES), default="concat")
     resolution = _choice(aux_cfg, "aux.resolution", "resolution", RESOLUTIONS, default="hierarchy")

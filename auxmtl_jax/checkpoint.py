@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import pathlib
 import shutil
 import uuid
 from typing import Any, Mapping
@@ -30,9 +33,13 @@ CHECKPOINT_DIR = "checkpoints"
 INFERENCE_DIR = "inference"
 INFERENCE_VARIABLES = "main_variables.msgpack"
 INFERENCE_CONFIG = "model.json"
+log = logging.getLogger("auxmtl_jax")
 
 CONFIG_CHANGES_KEY = "config_changes"
 DATA_ITEM = "input_iterators"
+INTEGRITY_DIR = "checkpoint_integrity"  # <step>.json: size and SHA-256 of each file of that checkpoint
+INTEGRITY_FORMAT = "auxmtl_jax.checkpoint_integrity/1"
+DAMAGED_DIR = "checkpoints_damaged"  # damaged checkpoints are moved here, never deleted
 
 # Config keys that may change between a run and its resumption: they do not change the trained weights
 # (`num_devices` changes them only by float rounding, see README "Data parallelism"), or only what is reported.
@@ -86,11 +93,51 @@ class ProcessLocalJsonRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def file_digests(directory: epath.Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {'size', 'sha256'}}`` of every file under ``directory``."""
+    root = pathlib.Path(directory)
+    digests = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+        digests[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digests
+
+
+def integrity_problem(step_dir: epath.Path, record_path: epath.Path) -> str | None:
+    """Why the checkpoint in ``step_dir`` does not match its integrity record (None when it does)."""
+    if not record_path.exists():
+        return f"it has no integrity record {record_path.name}"
+    try:
+        recorded = json.loads(record_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its integrity record {record_path} is unreadable"
+    found = file_digests(step_dir)
+    for name, expected in sorted(recorded.items()):
+        if name not in found:
+            return f"{name} is missing"
+        if found[name]["size"] != expected["size"]:
+            return f"{name} has {found[name]['size']} bytes, {expected['size']} were saved"
+        if found[name]["sha256"] != expected["sha256"]:
+            return f"{name} differs from what was saved (content hash)"
+    return None
+
+
 class Checkpointer:
-    """Saves and restores the train state and each process's input-iterator state under WORKDIR/checkpoints."""
+    """Saves and restores the train state and each process's input-iterator state under WORKDIR/checkpoints.
+
+    After a save is committed, an integrity record (size and SHA-256 of every file) goes to
+    WORKDIR/checkpoint_integrity/<step>.json; `restore_latest_intact` verifies it before restoring and falls back
+    to the newest intact step, moving damaged ones aside to WORKDIR/checkpoints_damaged/.
+    """
 
     def __init__(self, workdir: epath.Path, *, max_to_keep: int | None = None, read_only: bool = False):
+        self.workdir = epath.Path(workdir)
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.integrity_dir = self.workdir / INTEGRITY_DIR
+        self._unrecorded: list[int] = []
         if read_only and not self.directory.exists():
             raise FileNotFoundError(f"{self.directory} does not exist; expected the workdir of a run.")
         options = (ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0) if read_only else
@@ -114,10 +161,73 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
         """Saves `state` (global arrays) and this process's `data_state`; every process must call it."""
+        self.record_committed()
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), **{DATA_ITEM: ProcessLocalJsonSave(dict(data_state))}))
+        self._unrecorded.append(int(step))
 
-    def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
+    def record_committed(self, wait: bool = False) -> None:
+        """Writes the integrity records of saves that have been committed since (all of them with ``wait``)."""
+        if not self._unrecorded:
+            return
+        if wait:
+            self._manager.wait_until_finished()
+        elif self._manager.is_saving_in_progress():
+            return
+        kept = set(self._manager.all_steps())
+        for step in self._unrecorded:
+            if step in kept and jax.process_index() == 0:
+                self.integrity_dir.mkdir(parents=True, exist_ok=True)
+                record = {"format": INTEGRITY_FORMAT, "step": step, "files": file_digests(self.directory / str(step))}
+                _write_text_atomic(self._record_path(step), json.dumps(record, indent=1) + "\n")
+        self._unrecorded = []
+        if jax.process_index() == 0 and self.integrity_dir.exists():
+            for path in self.integrity_dir.glob("*.json"):  # records of steps orbax has since deleted
+                if path.stem.isdigit() and int(path.stem) not in kept:
+                    path.unlink()
+
+    def _record_path(self, step: int) -> epath.Path:
+        return self.integrity_dir / f"{step}.json"
+
+    def restore_latest_intact(self, target_state: Any) -> tuple[int, Any, dict | None]:
+        """``(step, state, data_state)`` of the newest checkpoint whose files match their integrity record and
+        that restores; ``(0, target_state, None)`` when the workdir has none. Each damaged step is logged in one line
+        and moved aside; when every step is damaged, one ValueError says so and what to do."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            problem = integrity_problem(self.directory / str(step), self._record_path(step))
+            if problem is None:
+                return (step, *self.restore(step, target_state))
+            if problem.startswith("it has no integrity record"):  # stopped before writing it: try unverified
+                try:
+                    restored = self.restore(step, target_state, mismatch_is_damage=True)
+                    log.warning("checkpoint step %d of %s has no integrity record (the run stopped before writing "
+                                "it); restored it unverified", step, self.directory)
+                    return (step, *restored)
+                except _DamagedCheckpoint as error:
+                    problem = f"it has no integrity record and does not restore ({error})"
+            damaged.append(step)
+            aside = self._move_aside(step)
+            log.warning("checkpoint step %d of %s is damaged: %s; moved it to %s and trying the previous one",
+                        step, self.directory, problem, aside)
+        if damaged:
+            raise ValueError(f"every checkpoint of {self.workdir} is damaged (steps {sorted(damaged)}, moved to "
+                             f"{self.workdir / DAMAGED_DIR}); nothing intact to resume from. Train again in a fresh "
+                             f"--workdir, or delete {self.directory} to start this run over.")
+        return 0, target_state, None
+
+    def _move_aside(self, step: int) -> epath.Path:
+        aside = self.workdir / DAMAGED_DIR / f"{step}-{uuid.uuid4().hex[:8]}"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(aside / "checkpoint"))
+            if self._record_path(step).exists():
+                shutil.move(str(self._record_path(step)), str(aside / "integrity.json"))
+        self._manager.reload()
+        return aside
+
+    def restore(self, step: int, target_state: Any, *, mismatch_is_damage: bool = False) -> tuple[Any, dict]:
         """Restores onto the structure, shapes and shardings of `target_state` (global shardings on a mesh).
 
         Returns the state and this process's input-iterator state.
@@ -126,18 +236,26 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), **{DATA_ITEM: ProcessLocalJsonRestore()}))
-        except (ValueError, KeyError, TypeError) as error:
+        except Exception as error:  # noqa: BLE001  (orbax/tensorstore raise many types on unreadable files)
+            if mismatch_is_damage:
+                raise _DamagedCheckpoint(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+            if not isinstance(error, (ValueError, KeyError, TypeError)):
+                raise
             raise ValueError(f"Checkpoint {self.directory}/{step} does not match this run's model/optimizer "
                              f"state or process count ({error}). Use a fresh --workdir for a different "
                              "setup.") from error
         return restored["state"], restored[DATA_ITEM]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self.record_committed(wait=True)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.record_committed(wait=True)
         self._manager.close()
+
+
+class _DamagedCheckpoint(Exception):
+    """An unverified checkpoint that does not restore."""
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -496,7 +496,7 @@ def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict
         train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
                                                           global_batch_size=config.batch_size, seed=config.seed)
         if start_step:
-            state, data_state = checkpointer.restore(start_step, state)
+            start_step, state, data_state = checkpointer.restore_latest_intact(state)
             train_iter.set_state(data_state)
             log.info("resumed %s from step %d", workdir, start_step)
         writer = reporting.MetricWriter(workdir)
@@ -595,6 +595,7 @@ class _TrainLoop:
                 self.window.append((done, step_metrics))
                 if self._due(done, config.log_every_steps) or extra:
                     self._log(done, progress, extra)
+                    self.checkpointer.record_committed()
                 if self._due(done, config.checkpoint_every_steps):
                     self._check_finite()
                     self._check_state_finite(done, state)

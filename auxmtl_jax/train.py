@@ -616,8 +616,19 @@ class _TrainLoop:
         bad = first_non_finite(host)
         if bad is not None:
             step, key = bad
-            raise NonFiniteError(self._non_finite_message(f"{key} became non-finite at step {step}"))
+            raise NonFiniteError(self._non_finite_message(
+                f"{key} became non-finite at step {step} ({self._batch_position(step, host[-1][0])})"))
         self.window = host
+
+    def _batch_position(self, step: int, latest: int) -> str:
+        """Where the batch that `step` trained on sits in the data order, so that it can be inspected."""
+        next_batch = self.train_iter.get_state().get("next_batch")
+        if not isinstance(next_batch, int):
+            return "its batch position is unknown"
+        position = next_batch - (latest - step) - 1
+        return (f"its batch is number {position} of the training data order for seed {self.config.seed}: "
+                f"input_pipeline.create_train_iterator(...) with set_state(dict(it.get_state(), "
+                f"next_batch={position})) yields it")
 
     def _check_state_finite(self, step: int, state: TrainState) -> None:
         """Never saves a checkpoint holding NaN/Inf parameters or optimiser state."""

@@ -218,7 +218,9 @@ def test_non_finite_loss_stops_naming_step_and_task(data_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(input_pipeline, "create_train_iterator", lambda *a, **k: PoisonDepthAt(create(*a, **k), 3))
     config = tiny_config(data_dir, log_every_steps=1)
-    with pytest.raises(train.NonFiniteError, match=r"loss/depth became non-finite at step 3.*checkpoint is step 2"):
+    with pytest.raises(train.NonFiniteError, match=r"loss/depth became non-finite at step 3 \(its batch is number 2 "
+                                                  r"of the training data order for seed 0.*next_batch=2\).*"
+                                                  r"checkpoint is step 2"):
         train.train_and_evaluate(config, str(tmp_path))
     assert checkpoint_lib.Checkpointer(tmp_path, max_to_keep=3).latest_step() == 2
 

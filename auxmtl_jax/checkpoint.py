@@ -341,10 +341,20 @@ def _refusal_message(workdir: epath.Path, differing: list[tuple[str, Any, Any]],
             "  - resume with the config it was started with.")
 
 
+# Config keys added after runs may have been started, with the value that reproduces the behaviour from before
+# them: a workdir whose config.json lacks such a key resumes when the key has that value.
+ADDED_KEYS = {"init_from.base_lr_scale": 1.0, "optimizer.schedule": "poly", "model.pretrained_required": False,
+              "search.devices": 0}
+
+
 def _differing_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     keys = sorted(set(saved) | set(current))
+
+    def added_as_before(key: str) -> bool:
+        return key not in saved and key in ADDED_KEYS and current.get(key) == ADDED_KEYS[key]
+
     return [(key, saved.get(key), current.get(key)) for key in keys
-            if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_KEYS)]
+            if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_KEYS) and not added_as_before(key)]
 
 
 def _write_text_atomic(path: epath.Path, text: str) -> None:

@@ -181,6 +181,24 @@ def test_workdir_with_another_config_is_refused(data_dir, tmp_path):
         train.train_and_evaluate(tiny_config(data_dir, "strategy=auxi_all"), str(tmp_path))
 
 
+def test_a_workdir_saved_before_a_config_key_existed_resumes_with_its_old_behaviour(data_dir, tmp_path):
+    """Upgrading must not strand runs: keys added later (ADDED_KEYS) are accepted at the value that reproduces the
+    old behaviour, and refused at any other value."""
+    config = tiny_config(data_dir)
+    train.train_and_evaluate(config, str(tmp_path))
+    path = tmp_path / checkpoint_lib.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    for key in checkpoint_lib.ADDED_KEYS:
+        group, _, leaf = key.partition(".")
+        saved.get(group, {}).pop(leaf, None)
+    path.write_text(json.dumps(saved))
+    checkpoint_lib.check_workdir_config(tmp_path, config, resume_step=4)
+    path.write_text(json.dumps(saved))
+    config.optimizer.schedule = "constant"
+    with pytest.raises(ValueError, match=r"another config \(optimizer\.schedule: None -> 'constant'\)"):
+        checkpoint_lib.check_workdir_config(tmp_path, config, resume_step=4)
+
+
 @pytest.mark.parametrize("override, message", [
     ({"batch_size": 0}, r"config\.batch_size=0; expected a positive integer"),
     ({"batch_size": 6}, r"config\.batch_size=6 must be divisible by the 4 device"),

@@ -202,8 +202,8 @@ class Checkpointer:
             if problem.startswith("it has no integrity record"):  # stopped before writing it: try unverified
                 try:
                     restored = self.restore(step, target_state, mismatch_is_damage=True)
-                    log.warning("checkpoint step %d of %s has no integrity record (the run stopped before writing "
-                                "it); restored it unverified", step, self.directory)
+                    log.warning("checkpoint step %d of %s has no integrity record (saved by an older version, or "
+                                "the run stopped before writing it); restored it unverified", step, self.directory)
                     return (step, *restored)
                 except _DamagedCheckpoint as error:
                     problem = f"it has no integrity record and does not restore ({error})"

@@ -126,6 +126,8 @@ def prepare_dataset(dataset_cfg) -> None:
             f"Dataset {dataset_cfg.name!r} (config {builder.builder_config.name if builder.builder_config else None!r})"
             f" is not prepared under {builder.data_path}. Build it with\n  {build_command(dataset_cfg)}\n"
             f"or set dataset.prepare=True to build it on first use.")
+    if not dataset_cfg.manual_dir and hasattr(builder, "missing_manual_dir_message"):
+        raise ValueError(builder.missing_manual_dir_message())
     created = _created_by_build(builder)
     config_dir = pathlib.Path(os.fspath(builder.data_path)).parent
     try:

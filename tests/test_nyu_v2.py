@@ -316,9 +316,37 @@ def test_labeled_bad_inputs_name_the_file_and_leave_nothing(tmp_path, damage, pa
 def test_missing_manual_dir_says_what_it_must_hold(tmp_path):
     with pytest.raises(
         support.ManualInputError,
-        match=r"(?s)absent: expected the manual_dir of nyu_v2, found nothing.*nyu_depth_v2_labeled\.mat",
-    ):
+        match=r"^\S*absent: expected the manual_dir of nyu_v2, found nothing; expected the folder holding "
+        r"nyu_depth_v2_labeled\.mat, splits\.mat and classMapping40\.mat .*--manual_dir=DIR",
+    ) as raised:
         _build("labeled13", tmp_path / "absent", tmp_path / "data")
+    assert "\n" not in str(raised.value)
+    _assert_nothing_built(tmp_path / "data")
+
+
+def test_run_preparing_without_manual_dir_names_the_flag_and_the_files_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from auxmtl_jax import input_pipeline
+
+    config = SimpleNamespace(name="nyu_v2", config="labeled40", data_dir=os.fspath(tmp_path / "data"),
+                             manual_dir=None, prepare=True, train_split="train", eval_split="test")
+    message = (r"^nyu_v2: no manual_dir given; expected the folder holding nyu_depth_v2_labeled\.mat, "
+               r"splits\.mat and classMapping40\.mat.*--config\.dataset\.manual_dir=DIR")
+    with pytest.raises(ValueError, match=message) as raised:
+        input_pipeline.prepare_dataset(config)
+    assert "\n" not in str(raised.value)
+    _assert_nothing_built(tmp_path / "data")
+
+
+def test_command_line_without_manual_dir_names_the_flag_and_the_files_in_one_line(tmp_path, capsys):
+    argv = ["--config", "expansion40", "--data_dir", os.fspath(tmp_path / "data")]
+    with pytest.raises(SystemExit) as raised:
+        support.build_main(NyuV2, argv)
+    message = str(raised.value.code)
+    assert message.startswith("error: nyu_v2: no manual_dir given; expected the folder holding image/, depth/ and "
+                              "label/ folders of PNG frames (--manual_dir=DIR")
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
     _assert_nothing_built(tmp_path / "data")
 
 

@@ -202,20 +202,29 @@ class ManualDenseBuilder(tfds.core.GeneratorBasedBuilder):
                     path.rmtree()
             raise
 
+    def manual_files(self) -> str:
+        """A one-line summary of what this config's manual_dir must hold (subclasses name the files)."""
+        return "the raw files of its layout"
+
+    def _what_to_pass(self) -> str:
+        config = self.builder_config.name if self.builder_config is not None else ""
+        return (f"the folder holding {self.manual_files()} (--manual_dir=DIR for python -m "
+                f"auxmtl_datasets.{self.name} --config {config}, or --config.dataset.manual_dir=DIR for run.py; "
+                f"full layout: python -m auxmtl_datasets.{self.name} --help)")
+
+    def missing_manual_dir_message(self) -> str:
+        return f"{self.name}: no manual_dir given; expected {self._what_to_pass()}"
+
     def manual_root(self, dl_manager) -> epath.Path:
-        """Returns the manual directory, or raises ManualInputError saying what it must contain."""
+        """Returns the manual directory, or raises a one-line ManualInputError naming the flag and the files."""
         path = getattr(dl_manager, "_manual_dir", None)
         if not path:
-            raise ManualInputError(
-                f"{self.name}: no manual_dir given; expected a directory laid out as:\n"
-                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-            )
+            raise ManualInputError(self.missing_manual_dir_message())
         path = epath.Path(path)
         if not path.is_dir():
             raise ManualInputError(
                 f"{os.fspath(path)}: expected the manual_dir of {self.name}, found "
-                f"{'nothing' if not path.exists() else 'a file'}; it must be laid out as:\n"
-                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+                f"{'nothing' if not path.exists() else 'a file'}; expected {self._what_to_pass()}"
             )
         return path
 
@@ -226,13 +235,15 @@ def build_main(builder_cls, argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog=f"python -m auxmtl_datasets.{builder_cls.name}", description=builder_cls.__doc__
+        prog=f"python -m auxmtl_datasets.{builder_cls.name}",
+        description=builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, choices=[c.name for c in builder_cls.BUILDER_CONFIGS])
     parser.add_argument(
         "--manual_dir",
-        required=True,
-        help="directory with the input files (layout: see --help of the module docstring)",
+        default=None,
+        help="directory with the input files (layout: above)",
     )
     parser.add_argument(
         "--data_dir",
@@ -241,6 +252,8 @@ def build_main(builder_cls, argv=None) -> None:
     )
     args = parser.parse_args(argv)
     builder = builder_cls(config=args.config, data_dir=args.data_dir)
+    if not args.manual_dir:
+        raise SystemExit(f"error: {builder.missing_manual_dir_message()}")
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
     except ManualInputError as error:

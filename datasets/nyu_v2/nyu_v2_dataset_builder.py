@@ -173,6 +173,13 @@ class NyuV2(support.ManualDenseBuilder):
     DEFAULT_CONFIG_NAME = "labeled13"
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_LAYOUT
 
+    def manual_files(self) -> str:
+        return {
+            "labeled": f"{LABELED_FILE}, {SPLITS_FILE} and {CLASS_MAP_FILE} (optionally {NORMALS_FILE})",
+            "mtan": "{train,val}/{image,label,depth,normal}/<i>.npy",
+            "expansion": "image/, depth/ and label/ folders of PNG frames",
+        }[self.builder_config.source]
+
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         return self.dataset_info_from_configs(

@@ -145,6 +145,9 @@ class Sunrgbd(support.ManualDenseBuilder):
     DEFAULT_CONFIG_NAME = "classes13"
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_LAYOUT
 
+    def manual_files(self) -> str:
+        return "sunrgbd_training_images.txt, sunrgbd_testing_images.txt, the SUNRGBD/ tree and labels37/"
+
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         return self.dataset_info_from_configs(

@@ -107,9 +107,8 @@ def file_digests(directory: epath.Path) -> dict[str, dict[str, Any]]:
 
 
 def integrity_problem(step_dir: epath.Path, record_path: epath.Path) -> str | None:
-    """Why the checkpoint in ``step_dir`` does not match its integrity record (None when it does)."""
-    if not record_path.exists():
-        return f"it has no integrity record {record_path.name}"
+    """Why the checkpoint in ``step_dir`` does not match its integrity record (None when it does; the record
+    must exist)."""
     try:
         recorded = json.loads(record_path.read_text())["files"]
     except (ValueError, KeyError, TypeError):
@@ -135,7 +134,7 @@ class Checkpointer:
 
     def __init__(self, workdir: epath.Path, *, max_to_keep: int | None = None, read_only: bool = False):
         self.workdir = epath.Path(workdir)
-        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.directory = self.workdir / CHECKPOINT_DIR
         self.integrity_dir = self.workdir / INTEGRITY_DIR
         self._unrecorded: list[int] = []
         if read_only and not self.directory.exists():
@@ -196,10 +195,11 @@ class Checkpointer:
         steps = sorted(self._manager.all_steps(), reverse=True)
         damaged = []
         for step in steps:
-            problem = integrity_problem(self.directory / str(step), self._record_path(step))
-            if problem is None:
-                return (step, *self.restore(step, target_state))
-            if problem.startswith("it has no integrity record"):  # stopped before writing it: try unverified
+            if self._record_path(step).exists():
+                problem = integrity_problem(self.directory / str(step), self._record_path(step))
+                if problem is None:
+                    return (step, *self.restore(step, target_state))
+            else:  # saved by an older version, or the run stopped before writing the record: try it unverified
                 try:
                     restored = self.restore(step, target_state, mismatch_is_damage=True)
                     log.warning("checkpoint step %d of %s has no integrity record (saved by an older version, or "

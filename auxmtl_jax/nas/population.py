@@ -106,7 +106,12 @@ def population_sharding(mesh: Mesh, population: PopulationState):
     if count % size:
         raise ValueError(f"population of {count} candidates does not split over {size} devices of the "
                          f"'{CANDIDATES_AXIS}' axis; use a multiple of {size}")
-    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec(CANDIDATES_AXIS)), population)
+    return jax.tree.map(lambda _: candidate_sharding(mesh), population)
+
+
+def candidate_sharding(mesh: Mesh) -> NamedSharding:
+    """Splits a leaf's leading (candidate) axis over the mesh's ``candidates`` axis."""
+    return NamedSharding(mesh, PartitionSpec(CANDIDATES_AXIS))
 
 
 def shard_over_candidates(function, mesh: Mesh, candidate_args: int = 1):

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import input_pipeline
@@ -139,7 +138,7 @@ class SearchSetup:
         """``tree`` (leading axis = candidate) split over the mesh's devices; unchanged on one device."""
         if self.mesh is None:
             return tree
-        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec(population_lib.CANDIDATES_AXIS)))
+        return jax.device_put(tree, population_lib.candidate_sharding(self.mesh))
 
 
 def prepare_search(config) -> SearchSetup:

@@ -28,6 +28,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
+from auxmtl_jax.errors import MissingInputError, UserError
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 INFERENCE_DIR = "inference"
@@ -69,7 +71,7 @@ class ProcessLocalJsonHandler(ocp.CheckpointHandler):
         path = directory / _process_file_name(jax.process_index(), jax.process_count())
         if not path.exists():
             written = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
-            raise ValueError(f"{path} does not exist: this checkpoint holds input states {written}, but this run "
+            raise UserError(f"{path} does not exist: this checkpoint holds input states {written}, but this run "
                              f"has {jax.process_count()} process(es). Resume with the process count it was "
                              "saved with.")
         return json.loads(path.read_text())
@@ -138,7 +140,7 @@ class Checkpointer:
         self.integrity_dir = self.workdir / INTEGRITY_DIR
         self._unrecorded: list[int] = []
         if read_only and not self.directory.exists():
-            raise FileNotFoundError(f"{self.directory} does not exist; expected the workdir of a run.")
+            raise MissingInputError(f"{self.directory} does not exist; expected the workdir of a run.")
         options = (ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0) if read_only else
                    ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                 enable_async_checkpointing=True))
@@ -151,11 +153,11 @@ class Checkpointer:
         """`step` (the latest when None), or one error listing the steps this workdir holds."""
         steps = sorted(self._manager.all_steps())
         if not steps:
-            raise ValueError(f"{self.directory} holds no checkpoint.")
+            raise UserError(f"{self.directory} holds no checkpoint.")
         if step is None:
             return steps[-1]
         if step not in steps:
-            raise ValueError(f"{self.directory} has no checkpoint of step {step}; it holds steps {steps}.")
+            raise UserError(f"{self.directory} has no checkpoint of step {step}; it holds steps {steps}.")
         return int(step)
 
     def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
@@ -212,7 +214,7 @@ class Checkpointer:
             log.warning("checkpoint step %d of %s is damaged: %s; moved it to %s and trying the previous one",
                         step, self.directory, problem, aside)
         if damaged:
-            raise ValueError(f"every checkpoint of {self.workdir} is damaged (steps {sorted(damaged)}, moved to "
+            raise UserError(f"every checkpoint of {self.workdir} is damaged (steps {sorted(damaged)}, moved to "
                              f"{self.workdir / DAMAGED_DIR}); nothing intact to resume from. Train again in a fresh "
                              f"--workdir, or delete {self.directory} to start this run over.")
         return 0, target_state, None
@@ -241,7 +243,7 @@ class Checkpointer:
                 raise _DamagedCheckpoint(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
             if not isinstance(error, (ValueError, KeyError, TypeError)):
                 raise
-            raise ValueError(f"Checkpoint {self.directory}/{step} does not match this run's model/optimizer "
+            raise UserError(f"Checkpoint {self.directory}/{step} does not match this run's model/optimizer "
                              f"state or process count ({error}). Use a fresh --workdir for a different "
                              "setup.") from error
         return restored["state"], restored[DATA_ITEM]
@@ -300,12 +302,12 @@ def check_workdir_config(workdir: epath.Path, config, *, resume_step: int | None
         try:
             saved = json.loads(path.read_text())
         except ValueError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); expected the config of the run in this workdir.")
+            raise UserError(f"{path} is not valid JSON ({error}); expected the config of the run in this workdir.")
         history = list(saved.get(CONFIG_CHANGES_KEY, []))
         differing = _differing_keys(flatten_config(saved), flatten_config(current))
         refused = [item for item in differing if not _is_accepted(item[0], accepted)]
         if refused:
-            raise ValueError(_refusal_message(workdir, refused, resume_step))
+            raise UserError(_refusal_message(workdir, refused, resume_step))
         if differing:
             history.append({"step": resume_step, "changes": {key: [old, new] for key, old, new in differing}})
     if history:
@@ -319,7 +321,7 @@ def parse_accepted_keys(text: str | None, config_keys: Mapping[str, Any]) -> tup
     accepted = tuple(part.strip() for part in (text or "").split(",") if part.strip())
     for key in accepted:
         if not any(_is_accepted(config_key, (key,)) for config_key in config_keys):
-            raise ValueError(f"config.accept_changed_keys names {key!r}, which is no config key; expected "
+            raise UserError(f"config.accept_changed_keys names {key!r}, which is no config key; expected "
                              "comma-separated dotted keys such as 'optimizer.learning_rate' or groups such as "
                              "'optimizer.'.")
     return accepted
@@ -333,12 +335,10 @@ def _refusal_message(workdir: epath.Path, differing: list[tuple[str, Any, Any]],
     details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing[:12])
     keys = ",".join(key for key, _, _ in differing)
     where = f"its last checkpoint (step {resume_step})" if resume_step else "its last checkpoint"
-    return (f"Workdir {workdir} holds checkpoints of a run with another config ({details}). Either\n"
-            f"  - continue that run from {where} with the new values: add --config.accept_changed_keys={keys} "
-            f"(the change is recorded in {workdir / CONFIG_FILE}), or\n"
-            f"  - start a new run initialised from it: --workdir=NEW_WORKDIR --config.init_from.path={workdir} "
-            "--config.init_from.scope=main, or\n"
-            "  - resume with the config it was started with.")
+    return (f"Workdir {workdir} holds checkpoints of a run with another config ({details}); expected the config it "
+            f"was started with, or continue from {where} with the new values: "
+            f"--config.accept_changed_keys={keys} (recorded in {workdir / CONFIG_FILE}), or start a new run from "
+            f"it: --workdir=NEW_WORKDIR --config.init_from.path={workdir} --config.init_from.scope=main.")
 
 
 # Config keys added after runs may have been started, with the value that reproduces the behaviour from before
@@ -378,29 +378,42 @@ def load_init_variables(path: str, scope: str) -> dict:
     `path` is that run's workdir (its latest checkpoint is read) or its exported inference folder (`main` only).
     BN statistics travel with their weights.
     """
-    if scope not in INIT_SCOPES:
-        raise ValueError(f"config.init_from.scope={scope!r}; expected one of {', '.join(INIT_SCOPES)}.")
     root = epath.Path(path)
-    if (root / INFERENCE_VARIABLES).exists():
-        if scope == "all":
-            raise ValueError(f"config.init_from.path={path!r} is an exported inference folder, which holds `main` "
-                             "only; config.init_from.scope='all' needs the run's workdir.")
+    if init_source(path, scope) == INFERENCE_DIR:
         main = load_inference_variables(root)
         variables = {"params": {"main": main["params"]}, "batch_stats": {"main": main.get("batch_stats", {})}}
-    elif (root / CHECKPOINT_DIR).exists():
+    else:
         manager = ocp.CheckpointManager((root / CHECKPOINT_DIR).resolve(),
                                         options=ocp.CheckpointManagerOptions(read_only=True))
-        step = manager.latest_step()
-        if step is None:
-            raise ValueError(f"config.init_from.path={path!r}: {root / CHECKPOINT_DIR} holds no checkpoint.")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
         manager.close()
         state = jax.tree.map(np.asarray, restored["state"])
         variables = {"params": dict(state["params"]), "batch_stats": dict(state.get("batch_stats") or {})}
-    else:
-        raise ValueError(f"config.init_from.path={path!r} is neither a workdir with {CHECKPOINT_DIR}/ nor an "
-                         f"exported {INFERENCE_DIR}/ folder with {INFERENCE_VARIABLES}.")
     return {collection: _cut_to_scope(tree, scope) for collection, tree in variables.items()}
+
+
+def init_source(path: str, scope: str) -> str:
+    """What `init_from.path` is, checked without reading weights: INFERENCE_DIR (an exported `main`) or
+    CHECKPOINT_DIR (a workdir with at least one checkpoint); anything else is one UserError."""
+    if scope not in INIT_SCOPES:
+        raise UserError(f"config.init_from.scope={scope!r}; expected one of {', '.join(INIT_SCOPES)}.")
+    root = epath.Path(path)
+    if (root / INFERENCE_VARIABLES).exists():
+        if scope == "all":
+            raise UserError(f"config.init_from.path={path!r} is an exported inference folder, which holds `main` "
+                            "only; config.init_from.scope='all' needs the run's workdir.")
+        return INFERENCE_DIR
+    if (root / CHECKPOINT_DIR).is_dir():
+        manager = ocp.CheckpointManager((root / CHECKPOINT_DIR).resolve(),
+                                        options=ocp.CheckpointManagerOptions(read_only=True))
+        step = manager.latest_step()
+        manager.close()
+        if step is None:
+            raise UserError(f"config.init_from.path={path!r}: {root / CHECKPOINT_DIR} holds no checkpoint; "
+                            "expected a run that has saved one.")
+        return CHECKPOINT_DIR
+    raise MissingInputError(f"config.init_from.path={path!r} is neither a workdir with {CHECKPOINT_DIR}/ nor an "
+                            f"exported {INFERENCE_DIR}/ folder with {INFERENCE_VARIABLES}.")
 
 
 def _cut_to_scope(tree: Mapping[str, Any], scope: str) -> dict:
@@ -431,10 +444,10 @@ def merge_params(target: Mapping[str, Any], loaded: Mapping[str, Any], *, what: 
         parts = [f"{name} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
                  for name, keys in (("missing in the loaded params", missing), ("not in the model", extra),
                                     ("shape mismatch (loaded vs model)", mismatched)) if keys]
-        raise ValueError(f"Cannot load {what}: " + "; ".join(parts))
+        raise UserError(f"Cannot load {what}: " + "; ".join(parts))
     merged = dict(target_flat)
     for key, value in loaded_flat.items():
-        merged[key] = np.asarray(value, dtype=np.asarray(target_flat[key]).dtype)
+        merged[key] = np.asarray(value, dtype=target_flat[key].dtype)
     return _unflatten(merged)
 
 
@@ -485,12 +498,25 @@ def load_inference_variables(directory: epath.Path) -> dict:
     """{'params': ..., 'batch_stats': ...} of `main` from an exported inference folder."""
     path = epath.Path(directory) / INFERENCE_VARIABLES
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; expected an exported model folder (WORKDIR/{INFERENCE_DIR}).")
-    return serialization.msgpack_restore(path.read_bytes())
+        raise MissingInputError(f"{path} does not exist; expected an exported model folder (WORKDIR/{INFERENCE_DIR}).")
+    try:
+        return serialization.msgpack_restore(path.read_bytes())
+    except Exception as error:  # msgpack raises several unrelated types for damaged bytes
+        raise UserError(f"{path} is damaged ({type(error).__name__}: {error}); expected the weights an exported "
+                        f"model folder holds (export it again from its workdir).") from None
 
 
 def load_inference_config(directory: epath.Path) -> dict:
+    """The model description (model.json) of an exported inference folder."""
     path = epath.Path(directory) / INFERENCE_CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; expected an exported model folder (WORKDIR/{INFERENCE_DIR}).")
-    return json.loads(path.read_text())
+        raise MissingInputError(f"{path} does not exist; expected an exported model folder (WORKDIR/{INFERENCE_DIR}).")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); expected the model description of an exported model "
+                        "folder.") from None
+    if not isinstance(config, dict) or not {"model", "tasks"} <= set(config):
+        raise UserError(f"{path} lacks 'model' and 'tasks'; expected the model description of an exported model "
+                        "folder.")
+    return config

@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import errors
+from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models import MultiTaskModel, build_model
 
 
@@ -56,9 +58,9 @@ class Predictor:
         """uint8 RGB [B,H,W,3] -> the float input the network was trained on; any other dtype is refused."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images: shape {images.shape}; expected [batch, height, width, 3] RGB.")
+            raise UserError(f"images: shape {images.shape}; expected [batch, height, width, 3] RGB.")
         if images.dtype != np.uint8:
-            raise ValueError(f"images: dtype {images.dtype}; expected uint8 RGB (0-255). Scale other ranges first, "
+            raise UserError(f"images: dtype {images.dtype}; expected uint8 RGB (0-255). Scale other ranges first, "
                              "e.g. 16-bit as round(x * 255 / 65535).")
         mean = np.asarray(self.export_config["input"]["mean"], np.float32)
         std = np.asarray(self.export_config["input"]["std"], np.float32)
@@ -89,12 +91,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such image file.")
+        raise MissingInputError(f"{path}: no such image file.")
     try:
         with Image.open(path) as image:
             return _as_uint8_rgb(image, path)
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path}: not a readable image ({error}); expected a PNG/JPEG file.") from None
+        raise UserError(f"{path}: not a readable image ({error}); expected a PNG/JPEG file.") from None
 
 
 def _as_uint8_rgb(image, path) -> np.ndarray:
@@ -105,7 +107,7 @@ def _as_uint8_rgb(image, path) -> np.ndarray:
         return np.repeat(grey[..., None], 3, axis=-1)
     if image.mode in ("I", "F"):
         kind = "32-bit integer" if image.mode == "I" else "floating-point"
-        raise ValueError(f"{path}: a {kind} image (mode {image.mode}); expected an 8- or 16-bit RGB or greyscale "
+        raise UserError(f"{path}: a {kind} image (mode {image.mode}); expected an 8- or 16-bit RGB or greyscale "
                          "image (PNG/JPEG).")
     return np.asarray(image.convert("RGB"))
 
@@ -153,14 +155,16 @@ def predict_files(model_dir: str, image_paths: Sequence[str], output_dir: str) -
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Predict segmentation/depth/normals for image files.")
+    """Command line; a bad input (model folder, image file) exits with status 1 and one `error: ...` line."""
+    parser = errors.ArgumentParser(prog="python -m auxmtl_jax.inference",
+                                   description="Predict segmentation/depth/normals for image files.")
     parser.add_argument("--model", required=True, help="an exported model folder (WORKDIR/inference)")
     parser.add_argument("--output", required=True, help="folder for the coloured prediction PNGs")
     parser.add_argument("images", nargs="+", help="input image files (PNG/JPEG)")
     args = parser.parse_args(argv)
-    for path in predict_files(args.model, args.images, args.output):
+    with errors.reported_as_one_line(args.verbose):
+        written = predict_files(args.model, args.images, args.output)
+    for path in written:
         print(path)
 
 

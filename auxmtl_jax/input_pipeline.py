@@ -30,6 +30,9 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
+from auxmtl_jax import errors
+from auxmtl_jax.errors import MissingInputError, UserError
+
 log = logging.getLogger("auxmtl_jax")
 KNOWN_DATASETS = ("synthetic_scenes", "nyu_v2", "sunrgbd")
 TASKS = ("segmentation", "depth", "normal")
@@ -62,11 +65,11 @@ def get_builder(dataset_cfg) -> tfds.core.DatasetBuilder:
     """Imports `auxmtl_datasets.<name>` (which registers the builder) and returns the configured TFDS builder."""
     name = dataset_cfg.name
     if name not in KNOWN_DATASETS:
-        raise ValueError(f"Unknown dataset.name {name!r}; expected one of {', '.join(KNOWN_DATASETS)}.")
+        raise UserError(f"Unknown dataset.name {name!r}; expected one of {', '.join(KNOWN_DATASETS)}.")
     try:
         importlib.import_module(f"auxmtl_datasets.{name}")
     except ModuleNotFoundError as error:
-        raise ValueError(f"dataset.name {name!r}: its builder module auxmtl_datasets.{name} cannot be imported "
+        raise UserError(f"dataset.name {name!r}: its builder module auxmtl_datasets.{name} cannot be imported "
                          f"({error}). Known datasets: {', '.join(KNOWN_DATASETS)}.") from error
     kwargs = {"data_dir": os.path.expanduser(dataset_cfg.data_dir) if dataset_cfg.data_dir else None}
     if dataset_cfg.config:
@@ -74,7 +77,7 @@ def get_builder(dataset_cfg) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(name, **kwargs)
     except ValueError as error:
-        raise ValueError(f"dataset {name!r} with config {dataset_cfg.config!r}: {error}") from error
+        raise UserError(f"dataset {name!r} with config {dataset_cfg.config!r}: {error}") from error
 
 
 def _created_by_build(builder) -> list:
@@ -122,12 +125,12 @@ def prepare_dataset(dataset_cfg) -> None:
     if builder.is_prepared():
         return
     if not dataset_cfg.prepare:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Dataset {dataset_cfg.name!r} (config {builder.builder_config.name if builder.builder_config else None!r})"
             f" is not prepared under {builder.data_path}. Build it with\n  {build_command(dataset_cfg)}\n"
             f"or set dataset.prepare=True to build it on first use.")
     if not dataset_cfg.manual_dir and hasattr(builder, "missing_manual_dir_message"):
-        raise ValueError(builder.missing_manual_dir_message())
+        raise UserError(builder.missing_manual_dir_message())
     created = _created_by_build(builder)
     config_dir = pathlib.Path(os.fspath(builder.data_path)).parent
     try:
@@ -155,10 +158,10 @@ def dataset_info(dataset_cfg) -> DatasetInfo:
     metadata = info.metadata or {}
     for key in ("num_classes", "class_names", "tasks"):
         if key not in metadata:
-            raise ValueError(f"Dataset {dataset_cfg.name!r}: info.metadata lacks {key!r} (has {sorted(metadata)}).")
+            raise UserError(f"Dataset {dataset_cfg.name!r}: info.metadata lacks {key!r} (has {sorted(metadata)}).")
     image_shape = info.features["image"].shape
     if len(image_shape) != 3 or image_shape[0] is None or image_shape[1] is None:
-        raise ValueError(f"Dataset {dataset_cfg.name!r}: feature 'image' has shape {image_shape}; "
+        raise UserError(f"Dataset {dataset_cfg.name!r}: feature 'image' has shape {image_shape}; "
                          f"expected a fixed (H, W, 3).")
     splits = {name: split.num_examples for name, split in info.splits.items()} if builder.is_prepared() else {}
     return DatasetInfo(name=dataset_cfg.name, num_classes=int(metadata["num_classes"]),
@@ -170,22 +173,39 @@ def check_tasks(info: DatasetInfo, tasks: Sequence[str]) -> tuple[str, ...]:
     """Returns `tasks` as a tuple, raising ValueError for any task unknown or not provided by the dataset."""
     for task in tasks:
         if task not in TASKS:
-            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+            raise UserError(f"Unknown task {task!r}; expected one of {TASKS}.")
         if task not in info.tasks:
-            raise ValueError(f"Dataset {info.name!r} has no task {task!r}; it provides {list(info.tasks)}.")
+            raise UserError(f"Dataset {info.name!r} has no task {task!r}; it provides {list(info.tasks)}.")
     return tuple(tasks)
 
 
-def _data_source(dataset_cfg, split: str):
+def check_splits(dataset_cfg) -> None:
+    """The config's train and eval splits (slices such as 'train[:95%]' included) exist in the prepared dataset."""
+    for key in ("train_split", "eval_split"):
+        split = getattr(dataset_cfg, key)
+        source = _data_source(dataset_cfg, split, what=f"config.dataset.{key}")
+        try:
+            count = len(source)
+        except ValueError:  # TFDS gives a reversed slice ('test[5:2]') a negative length
+            count = 0
+        if count == 0:
+            raise UserError(f"config.dataset.{key}={split!r} selects no examples of dataset {dataset_cfg.name!r}; "
+                            "expected a non-empty split.")
+
+
+def _data_source(dataset_cfg, split: str, what: str = "split"):
     """Random-access source for `split` of a prepared dataset (split slicing such as 'train[:90%]' allowed)."""
     builder = get_builder(dataset_cfg)
     if not builder.is_prepared():
         prepare_dataset(dataset_cfg)
-    base_split = split.split("[")[0]
-    if base_split not in builder.info.splits:
-        raise ValueError(f"Dataset {dataset_cfg.name!r} has no split {split!r}; "
-                         f"it has {sorted(builder.info.splits)}.")
-    return builder.as_data_source(split=split)
+    expected = f"expected one of {', '.join(sorted(builder.info.splits))}, optionally sliced ('train[:90%]')"
+    if split.split("[")[0] not in builder.info.splits:
+        raise UserError(f"{what}={split!r}: dataset {dataset_cfg.name!r} has no such split; {expected}.")
+    try:
+        return builder.as_data_source(split=split)
+    except (ValueError, AssertionError) as error:  # TFDS's split-slice parser
+        raise UserError(f"{what}={split!r} is not a valid split of dataset {dataset_cfg.name!r} ({error}); "
+                        f"{expected}.") from None
 
 
 
@@ -377,13 +397,13 @@ class TrainIterator:
         expected = {"version": _STATE_VERSION, **self._fingerprint}
         for key, value in expected.items():
             if key not in state:
-                raise ValueError(f"Input iterator state lacks {key!r}; got keys {sorted(state)}.")
+                raise UserError(f"Input iterator state lacks {key!r}; got keys {sorted(state)}.")
             if state[key] != value and list(np.atleast_1d(state[key])) != list(np.atleast_1d(value)):
-                raise ValueError(f"Input iterator state has {key}={state[key]!r} but this pipeline has {value!r}; "
+                raise UserError(f"Input iterator state has {key}={state[key]!r} but this pipeline has {value!r}; "
                                  f"it was saved by a run with different data settings.")
         next_batch = state.get("next_batch")
         if not isinstance(next_batch, (int, np.integer)) or next_batch < 0:
-            raise ValueError(f"Input iterator state has next_batch={next_batch!r}; expected an int >= 0.")
+            raise UserError(f"Input iterator state has next_batch={next_batch!r}; expected an int >= 0.")
         self.close()
         self._next_batch = int(next_batch)
 
@@ -407,7 +427,7 @@ def create_train_iterator(dataset_cfg, input_cfg, *, tasks, global_batch_size, s
     process_index, process_count, local_batch = _host_layout(global_batch_size, process_index, process_count)
     source = _data_source(dataset_cfg, dataset_cfg.train_split)
     if len(source) == 0:
-        raise ValueError(f"Split {dataset_cfg.train_split!r} of dataset {dataset_cfg.name!r} is empty.")
+        raise UserError(f"Split {dataset_cfg.train_split!r} of dataset {dataset_cfg.name!r} is empty.")
     transform = TrainTransform(tasks, input_cfg.crop_size, input_cfg.scale_range, input_cfg.flip,
                                input_cfg.mean, input_cfg.std)
     shuffle_seed, augment_seed = _derived_seeds(seed)
@@ -454,17 +474,18 @@ def create_eval_dataset(dataset_cfg, input_cfg, *, tasks, global_batch_size,
     source = _data_source(dataset_cfg, dataset_cfg.eval_split)
     size = tuple(input_cfg.eval_size) if input_cfg.eval_size else info.image_size
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"input.eval_size must be (height, width) with positive entries, got {size!r}.")
+        raise UserError(f"input.eval_size must be (height, width) with positive entries, got {size!r}.")
     transform = EvalTransform(tasks, size, input_cfg.mean, input_cfg.std)
     return EvalDataset(source, transform, global_batch_size, process_index, process_count)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: builds one dataset as array_record (atomically), then prints its split sizes."""
-    import argparse
+    """Command line: builds one dataset as array_record (atomically), then prints its split sizes. A bad input
+    exits with status 1 and one `error: ...` line, leaving the data dir as it was."""
     import types
 
-    parser = argparse.ArgumentParser(description="Prepare an auxmtl_jax TFDS dataset (no TensorFlow needed).")
+    parser = errors.ArgumentParser(prog="python -m auxmtl_jax.input_pipeline",
+                                   description="Prepare an auxmtl_jax TFDS dataset (no TensorFlow needed).")
     parser.add_argument("--dataset", required=True, choices=KNOWN_DATASETS)
     parser.add_argument("--config", default=None, help="builder config name, e.g. demo / tiny / default")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
@@ -473,8 +494,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     dataset_cfg = types.SimpleNamespace(name=args.dataset, config=args.config, data_dir=args.data_dir,
                                         manual_dir=args.manual_dir, prepare=True, train_split="train",
                                         eval_split="test")
-    prepare_dataset(dataset_cfg)
-    info = dataset_info(dataset_cfg)
+    with errors.reported_as_one_line(args.verbose):
+        prepare_dataset(dataset_cfg)
+        info = dataset_info(dataset_cfg)
     print(f"{info.name} ({args.config or 'default config'}) ready in {get_builder(dataset_cfg).data_path}: "
           f"splits {info.splits}, image size {info.image_size}, tasks {list(info.tasks)}")
 

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from auxmtl_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 
@@ -33,9 +35,9 @@ def create_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"config.num_devices={num_devices} but {len(devices)} device(s) are available.")
+            raise UserError(f"config.num_devices={num_devices} but {len(devices)} device(s) are available.")
         if jax.process_count() > 1 and num_devices != len(devices):
-            raise ValueError("config.num_devices must be unset for multi-host runs (every device is used).")
+            raise UserError("config.num_devices must be unset for multi-host runs (every device is used).")
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
@@ -52,7 +54,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, key: str) -> None:
     """The global batch must split evenly over devices and hosts."""
     divisor = int(np.lcm(mesh.size, jax.process_count()))
     if global_batch_size % divisor:
-        raise ValueError(f"{key}={global_batch_size} must be divisible by the {mesh.size} device(s) "
+        raise UserError(f"{key}={global_batch_size} must be divisible by the {mesh.size} device(s) "
                          f"and {jax.process_count()} host(s) of the mesh.")
 
 

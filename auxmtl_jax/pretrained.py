@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models.encoders import encoder_module, mobilenet_v2_blocks, resnet50_blocks
 
 SUPPORTED_ENCODERS = ("mobilenet_v2", "resnet50")
@@ -73,15 +74,22 @@ class _Tensor:
     is_conv_kernel: bool
 
 
+def check_weight_file(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` if it is an existing file with a supported weight-file extension; otherwise one UserError."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise UserError(f"{path}: unsupported weight file extension {path.suffix!r}; expected one of "
+                        f"{SUPPORTED_EXTENSIONS}.")
+    if not path.is_file():
+        raise MissingInputError(f"{path}: weight file not found; expected an existing "
+                                f"{'/'.join(SUPPORTED_EXTENSIONS)} file.")
+    return path
+
+
 def load_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a weight file (``.pth``/``.pt``, ``.safetensors`` or ``.npz``) into ``{name: numpy array}``."""
-    path = pathlib.Path(path)
+    path = check_weight_file(path)
     suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
-        raise ValueError(f"{path}: unsupported weight file extension {path.suffix!r}; expected one of "
-                         f"{SUPPORTED_EXTENSIONS}.")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weight file not found.")
     if suffix in (".pth", ".pt"):
         return _load_torch_file(path)
     try:
@@ -91,7 +99,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
             with np.load(path, allow_pickle=False) as archive:
                 state_dict = {name: archive[name] for name in archive.files}
     except Exception as error:  # the readers raise library-specific errors for corrupt files
-        raise ValueError(f"{path}: could not read {suffix} weight file: {error}") from error
+        raise UserError(f"{path}: could not read {suffix} weight file: {error}") from error
     return dict(state_dict)
 
 
@@ -111,20 +119,20 @@ def _load_torch_file(path: pathlib.Path) -> StateDict:
     try:
         import torch
     except ImportError as error:
-        raise ImportError(
+        raise UserError(
             f"{path}: reading .pth/.pt files needs PyTorch (pip install 'auxmtl_jax[torch]' or pip install torch), "
             "or convert the file to .safetensors once where torch is available "
             "(safetensors.torch.save_file(torch.load(path), 'weights.safetensors')).") from error
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: could not read PyTorch weight file: {error}") from error
+        raise UserError(f"{path}: could not read PyTorch weight file: {error}") from error
     loaded = _unwrap_checkpoint(loaded)
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(loaded).__name__}.")
+        raise UserError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(loaded).__name__}.")
     not_tensors = sorted(name for name, value in loaded.items() if not isinstance(value, torch.Tensor))
     if not_tensors:
-        raise ValueError(f"{path}: state dict entries that are not tensors: {', '.join(not_tensors)}.")
+        raise UserError(f"{path}: state dict entries that are not tensors: {', '.join(not_tensors)}.")
     return _strip_data_parallel_prefix(
         {name: _tensor_to_numpy(tensor, torch) for name, tensor in loaded.items()})
 
@@ -237,7 +245,7 @@ def _leaf_shape(leaf: Any) -> tuple[int, ...]:
 
 def _check_encoder(encoder: str) -> None:
     if encoder not in SUPPORTED_ENCODERS:
-        raise ValueError(f"encoder {encoder!r} has no pretrained-weight conversion; expected one of "
+        raise UserError(f"encoder {encoder!r} has no pretrained-weight conversion; expected one of "
                          f"{SUPPORTED_ENCODERS}.")
 
 
@@ -299,7 +307,7 @@ def _raise_if_any(what: str, **problems: list[str]) -> None:
     lines = [f"  {kind.replace('_', ' ')} ({len(items)}): {', '.join(items)}"
              for kind, items in problems.items() if items]
     if lines:
-        raise ValueError(f"{what}:\n" + "\n".join(lines))
+        raise UserError(f"{what}:\n" + "\n".join(lines))
 
 
 def load_pretrained_encoder(path: str | os.PathLike, encoder: str) -> dict[str, dict]:
@@ -309,12 +317,12 @@ def load_pretrained_encoder(path: str | os.PathLike, encoder: str) -> dict[str, 
     try:
         return convert_torch_encoder(state_dict, encoder)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise UserError(f"{path}: {error}") from error
 
 
 def _flatten(tree: Any, collection: str) -> dict[Path, Any]:
     if not isinstance(tree, Mapping):
-        raise ValueError(f"{collection}: expected a nested mapping, got {type(tree).__name__}.")
+        raise UserError(f"{collection}: expected a nested mapping, got {type(tree).__name__}.")
     return traverse_util.flatten_dict(tree)
 
 
@@ -348,14 +356,14 @@ def merge_encoder(variables: Mapping[str, Any], encoder_variables: Mapping[str, 
     Leaves take the dtype of the leaves they replace. ``variables`` itself is not modified.
     """
     if not isinstance(encoder_variables, Mapping):
-        raise ValueError(f"encoder variables: expected {{'params': ..., 'batch_stats': ...}}, got "
+        raise UserError(f"encoder variables: expected {{'params': ..., 'batch_stats': ...}}, got "
                          f"{type(encoder_variables).__name__}.")
     targets = {}
     for collection in ("params", "batch_stats"):
         try:
             targets[collection] = variables[collection]["main"]["encoder"]
         except (KeyError, TypeError) as error:
-            raise ValueError(f"variables has no {collection}['main']['encoder'] to load the pretrained encoder "
+            raise UserError(f"variables has no {collection}['main']['encoder'] to load the pretrained encoder "
                              "into.") from error
     _check_same_tree(targets, encoder_variables,
                      "pretrained encoder does not match the model's encoder (model.encoder / width_multiplier?)")
@@ -373,7 +381,7 @@ def encoder_to_torchvision(encoder_variables: Mapping[str, Any], encoder: str) -
     """Our encoder's ``{'params', 'batch_stats'}`` as a torchvision-named state dict (classifier excluded)."""
     _check_encoder(encoder)
     if not isinstance(encoder_variables, Mapping):
-        raise ValueError(f"encoder variables: expected {{'params': ..., 'batch_stats': ...}}, got "
+        raise UserError(f"encoder variables: expected {{'params': ..., 'batch_stats': ...}}, got "
                          f"{type(encoder_variables).__name__}.")
     _check_same_tree(abstract_encoder_variables(encoder), encoder_variables,
                      f"encoder variables do not match a width-1.0 {encoder}")
@@ -399,7 +407,7 @@ def export_torchvision_state_dict(encoder_variables: Mapping[str, Any], encoder:
     """
     path = pathlib.Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: export writes .safetensors files; got extension {path.suffix!r}.")
+        raise UserError(f"{path}: export writes .safetensors files; got extension {path.suffix!r}.")
     state_dict = encoder_to_torchvision(encoder_variables, encoder)
     from safetensors.numpy import save_file
 

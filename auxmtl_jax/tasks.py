@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
+from auxmtl_jax.errors import UserError
+
 TASK_NAMES = ('segmentation', 'depth', 'normal')
 SEGMENTATION_IGNORE_LABEL = 255
 _FIXED_CHANNELS = {'depth': 1, 'normal': 3}
@@ -21,7 +23,7 @@ def validate_tasks(tasks: Iterable[str], available: Iterable[str] = TASK_NAMES, 
     """Raises one ValueError naming `what`, every unknown or repeated task, and the allowed ones."""
     allowed = tuple(available)
     if isinstance(tasks, str):
-        raise ValueError(f'{what}: expected a sequence of task names, got the string {tasks!r}; '
+        raise UserError(f'{what}: expected a sequence of task names, got the string {tasks!r}; '
                          f'write ({tasks!r},) for a single task. Allowed: {_quoted(allowed)}')
     tasks = tuple(tasks)
     unknown = [task for task in tasks if task not in allowed]
@@ -32,7 +34,7 @@ def validate_tasks(tasks: Iterable[str], available: Iterable[str] = TASK_NAMES, 
     if repeated:
         problems.append(f'task(s) listed more than once {_quoted(repeated)}')
     if problems:
-        raise ValueError(f'{what}: {"; ".join(problems)}. Allowed: {_quoted(allowed)}')
+        raise UserError(f'{what}: {"; ".join(problems)}. Allowed: {_quoted(allowed)}')
 
 
 def output_channels(task: str, num_classes: int | None = None) -> int:
@@ -41,7 +43,7 @@ def output_channels(task: str, num_classes: int | None = None) -> int:
     if task != 'segmentation':
         return _FIXED_CHANNELS[task]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"output_channels('segmentation'): num_classes must be a positive int, got {num_classes!r}")
+        raise UserError(f"output_channels('segmentation'): num_classes must be a positive int, got {num_classes!r}")
     return num_classes
 
 

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import time
 from typing import Any, Callable, Mapping
 
 import flax
@@ -26,12 +25,14 @@ from etils import epath
 from jax.sharding import Mesh
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import errors
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
 from auxmtl_jax import reporting
 from auxmtl_jax import tasks as tasks_lib
 from auxmtl_jax import weighting as weighting_lib
+from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models import MultiTaskModel, build_model
 
 log = logging.getLogger("auxmtl_jax")
@@ -41,8 +42,11 @@ RESULTS_TABLE = "results.txt"
 COMPARISON_TABLE = "comparison.txt"
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced a NaN/Inf loss or train state; nothing non-finite was saved, so the last checkpoint is good."""
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a NaN/Inf loss or train state; nothing non-finite was saved, so the last checkpoint is good.
+
+    A user error: its message says which step, loss and batch, and how to continue with a lower learning rate.
+    """
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -161,8 +165,9 @@ def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict
     if config.model.encoder_init and config.model.encoder_init != SCRATCH:
         from auxmtl_jax import pretrained
 
-        encoder = pretrained.load_pretrained_encoder(config.model.encoder_init, config.model.encoder)
-        merged = pretrained.merge_encoder({"params": params, "batch_stats": batch_stats}, encoder)
+        with errors.about("config.model.encoder_init"):
+            encoder = pretrained.load_pretrained_encoder(config.model.encoder_init, config.model.encoder)
+            merged = pretrained.merge_encoder({"params": params, "batch_stats": batch_stats}, encoder)
         params, batch_stats = dict(merged["params"]), dict(merged["batch_stats"])
     if not config.init_from.path:
         return params, batch_stats, {}
@@ -173,7 +178,7 @@ def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict
             if not subtree:
                 continue
             if group not in target:
-                raise ValueError(f"Cannot load {where}: it has {group} modules ({', '.join(sorted(subtree))}) and "
+                raise UserError(f"Cannot load {where}: it has {group} modules ({', '.join(sorted(subtree))}) and "
                                  f"this model has none; configure them (e.g. aux.tasks) or use another scope.")
             target[group] = checkpoint_lib.merge_params(target[group], subtree, what=f"{where}, {collection}/{group}")
     return params, batch_stats, loaded["params"]
@@ -277,13 +282,27 @@ def reference_results(config) -> dict | None:
     references = config.get("reference_results")
     if references is None:
         return None
+    where = f"config.reference_results={references!r}"
+    expected = "expected a run's results.json or a {task: {metric: number}} dict"
     if isinstance(references, str):
         path = epath.Path(references)
-        if not path.exists():
-            raise ValueError(f"config.reference_results={references!r} does not exist; expected a results.json "
-                             "or a {task: {metric: value}} dict.")
-        references = json.loads(path.read_text())["metrics"]
-    return {task: dict(values) for task, values in dict(references).items()}
+        if not path.is_file():
+            raise MissingInputError(f"{where} does not exist; {expected}.")
+        try:
+            references = json.loads(path.read_text())["metrics"]
+        except (ValueError, KeyError, TypeError) as error:  # not UTF-8, not JSON, or no "metrics"
+            problem = f"no {error} key" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+            raise UserError(f"{where} is unreadable ({problem}); {expected}.") from None
+    try:
+        checked = {task: {metric: float(value) for metric, value in dict(values).items()}
+                   for task, values in dict(references).items()}
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{where} holds {type(references).__name__} values that are not {{task: {{metric: number}}}} "
+                        f"({error}); {expected}.") from None
+    unknown = sorted(set(checked) - set(tasks_lib.TASK_NAMES))
+    if unknown:
+        raise UserError(f"{where} has unknown task(s) {unknown}; expected some of {', '.join(tasks_lib.TASK_NAMES)}.")
+    return checked
 
 
 def _results_delta_m(results, references) -> float | None:
@@ -356,30 +375,72 @@ def validate_config(config) -> None:
     for key in positive:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.{key}={value!r}; expected a positive integer.")
+            raise UserError(f"config.{key}={value!r}; expected a positive integer.")
     if config.optimizer.learning_rate <= 0:
-        raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.")
+        raise UserError(f"config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.")
     if config.model.get("pretrained_required") and not config.model.encoder_init:
-        raise ValueError(
+        raise UserError(
             "config.model.encoder_init is not set, and this paper config trains from an ImageNet-pretrained "
             f"{config.model.encoder} (paper Sec. 4.1); expected --config.model.encoder_init=<weight file> (a "
             "torchvision/timm .pth, .pt, .safetensors or .npz; README 'Pretrained encoders'), or "
             "--config.model.encoder_init=scratch to train from scratch on purpose.")
     schedule = config.optimizer.get("schedule", "poly")
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f"config.optimizer.schedule={schedule!r}; expected one of {', '.join(LR_SCHEDULES)}.")
+        raise UserError(f"config.optimizer.schedule={schedule!r}; expected one of {', '.join(LR_SCHEDULES)}.")
     if config.init_from.scope not in checkpoint_lib.INIT_SCOPES:
-        raise ValueError(f"config.init_from.scope={config.init_from.scope!r}; expected one of "
+        raise UserError(f"config.init_from.scope={config.init_from.scope!r}; expected one of "
                          f"{', '.join(checkpoint_lib.INIT_SCOPES)}.")
     for key in ("lr_scale", "base_lr_scale"):
         value = config.init_from.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"config.init_from.{key}={value!r}; expected a number > 0.")
+            raise UserError(f"config.init_from.{key}={value!r}; expected a number > 0.")
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    weighting_lib.get_weighting(config.loss_weighting)
     checkpoint_lib.parse_accepted_keys(config.get("accept_changed_keys"),
                                        checkpoint_lib.flatten_config(json.loads(checkpoint_lib.config_to_json(config))))
     if not config.tasks:
-        raise ValueError("config.tasks is empty; expected at least one of " + ", ".join(tasks_lib.TASK_NAMES))
+        raise UserError("config.tasks is empty; expected at least one of " + ", ".join(tasks_lib.TASK_NAMES))
+
+
+def check_input_files(config) -> None:
+    """Every file and folder the config names exists and is what it should be: reference results, encoder
+    weights, the run `init_from` starts from, the Auxi-NAS genotype. Cheap checks, run before the dataset is
+    prepared; the weights are checked against the model's shapes by `check_initialisations`."""
+    reference_results(config)
+    encoder_init = config.model.get("encoder_init")
+    if encoder_init and encoder_init != SCRATCH:
+        from auxmtl_jax import pretrained
+
+        with errors.about("config.model.encoder_init"):
+            pretrained.check_weight_file(encoder_init)
+    if config.init_from.path:
+        checkpoint_lib.init_source(config.init_from.path, config.init_from.scope)
+    genotype = config.get("aux", {}).get("genotype")
+    if isinstance(genotype, str) and genotype:
+        from auxmtl_jax import nas
+
+        with errors.about("config.aux.genotype"):
+            nas.load_genotype(genotype)
+
+
+def check_initialisations(config, model: MultiTaskModel) -> None:
+    """Loads `model.encoder_init` and `init_from` onto the model's variable shapes (no initialiser runs), so a
+    file that does not fit stops the run before it writes anything."""
+    if not (config.init_from.path or (config.model.encoder_init and config.model.encoder_init != SCRATCH)):
+        return
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, INIT_IMAGE_SIZE, INIT_IMAGE_SIZE, 3), jnp.float32))
+    _load_initialisations(config, dict(shapes["params"]), dict(shapes.get("batch_stats", {})))
+
+
+def check_run(config) -> tuple[input_pipeline.DatasetInfo, MultiTaskModel, Mesh]:
+    """Every check a run makes before it writes anything: config values, the files it names, the dataset
+    (built first when `dataset.prepare`), the devices, and that loaded weights fit the model."""
+    validate_config(config)
+    check_input_files(config)
+    dataset, model, mesh = prepare_run(config)
+    check_initialisations(config, model)
+    return dataset, model, mesh
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -409,7 +470,10 @@ def run_config(config: ml_collections.ConfigDict, name: str, variant: str) -> ml
 def train_sweep(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     """Trains every run of `config.runs` into WORKDIR/<name>; writes the comparison table (and figures)."""
     runs = {name: run_config(config, name, variant) for name, variant in dict(config.runs).items()}
-    records = {name: train_single(child, workdir / name) for name, child in runs.items()}
+    for name, child in runs.items():  # a bad run stops the sweep before any run trains
+        with errors.about(f"sweep run {name!r}"):
+            check_run(child)
+    records = {name: train_single(child, workdir / name, checked=True) for name, child in runs.items()}
     references = reference_results(config)
     table = metrics_lib.format_table({name: record["metrics"] for name, record in records.items()}, references)
     if jax.process_index() == 0:
@@ -443,13 +507,14 @@ def _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding):
 
 
 def prepare_run(config) -> tuple[input_pipeline.DatasetInfo, MultiTaskModel, Mesh]:
-    """Checks the config against the (prepared) dataset and the devices; returns dataset info, model and mesh."""
-    validate_config(config)
+    """Checks a validated config against the (prepared) dataset and the devices; returns dataset info, model and
+    mesh."""
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
+    input_pipeline.check_splits(config.dataset)
     missing = [task for task in config.tasks if task not in dataset.tasks]
     if missing:
-        raise ValueError(f"config.tasks asks for {missing} but dataset {dataset.name!r} has only {list(dataset.tasks)}.")
+        raise UserError(f"config.tasks asks for {missing} but dataset {dataset.name!r} has only {list(dataset.tasks)}.")
     model = create_model(config, dataset.num_classes)
     mesh = parallel.create_mesh(config.get("num_devices"))
     parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
@@ -476,15 +541,18 @@ def check_workdir_genotype(workdir: epath.Path, model: MultiTaskModel, *, resume
     if resume_step and record.exists():
         recorded = nas.load_genotype(record)
         if recorded != genotype:
-            raise ValueError(f"{workdir} was trained with the genotype in {record}, but aux.genotype now names a "
+            raise UserError(f"{workdir} was trained with the genotype in {record}, but aux.genotype now names a "
                              "different one; train it in a new workdir (or restore the genotype file).")
     elif genotype is not None and jax.process_index() == 0:
         genotype.save(record)
 
 
-def train_single(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
-    """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results."""
-    dataset, model, mesh = prepare_run(config)
+def train_single(config: ml_collections.ConfigDict, workdir: epath.Path, checked: bool = False) -> dict:
+    """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results.
+
+    Nothing is written before `check_run` passes (`checked`: the caller has run it on this config).
+    """
+    dataset, model, mesh = prepare_run(config) if checked else check_run(config)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
     writer = None
@@ -531,6 +599,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     `config` is the run's config. Nothing is written to the workdir.
     """
     parallel.initialize_distributed(config.distributed)
+    validate_config(config)
     dataset, model, mesh = prepare_run(config)
     checkpointer = checkpoint_lib.Checkpointer(epath.Path(workdir), read_only=True)
     try:

@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from auxmtl_jax.errors import UserError
+
 MAIN_PREFIX = "loss/"
 LossTermsFn = Callable[[Any], tuple[Mapping[str, jax.Array], Any]]
 
@@ -86,5 +88,5 @@ WEIGHTINGS: dict[str, Callable[[], LossWeighting]] = {"equal": equal, "kendall":
 def get_weighting(name: str) -> LossWeighting:
     """The weighting registered under `name` (config key `loss_weighting`)."""
     if name not in WEIGHTINGS:
-        raise ValueError(f"config.loss_weighting={name!r} is unknown; expected one of: {', '.join(WEIGHTINGS)}.")
+        raise UserError(f"config.loss_weighting={name!r} is unknown; expected one of: {', '.join(WEIGHTINGS)}.")
     return WEIGHTINGS[name]()

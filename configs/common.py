@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from auxmtl_jax.errors import UserError
+
 TASK_NAMES = ("segmentation", "depth", "normal")
 STRATEGIES = ("single", "joint", "kendall", "deep_supervision", "prior", "auxi", "auxi_all", "auxi_nas")
 
@@ -163,10 +165,10 @@ def parse_variant(arg: str | None) -> dict[str, str]:
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise ValueError(f"Config variant {part!r} in {arg!r} is not of the form key=value.")
+            raise UserError(f"Config variant {part!r} in {arg!r} is not of the form key=value.")
         if key not in ("strategy", "prior") and key not in VARIANT_KEYS:
             allowed = ", ".join(["strategy", "prior", *VARIANT_KEYS])
-            raise ValueError(f"Unknown config variant key {key!r} in {arg!r}; expected one of: {allowed}.")
+            raise UserError(f"Unknown config variant key {key!r} in {arg!r}; expected one of: {allowed}.")
         items[key] = value
     return items
 
@@ -193,15 +195,15 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str) -> ml_colle
     """
     name, _, argument = strategy.partition(":")
     if name not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)} (single and auxi "
+        raise UserError(f"Unknown strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)} (single and auxi "
                          "take ':<task>', prior takes ':<workdir>', auxi_nas takes ':<genotype.json>').")
     arguments = {"single": "task", "auxi": "task", "prior": "workdir", "auxi_nas": "genotype.json"}
     optional = {"deep_supervision": "task"}
     if (name in arguments and not argument) or (argument and name not in arguments and name not in optional):
         form = f"{name}:<{arguments[name]}>" if name in arguments else name
-        raise ValueError(f"Strategy {strategy!r} must be written as {form!r}.")
+        raise UserError(f"Strategy {strategy!r} must be written as {form!r}.")
     if name in ("single", "auxi", "deep_supervision") and argument and argument not in config.tasks:
-        raise ValueError(f"Strategy {strategy!r}: task {argument!r} is not among config.tasks {tuple(config.tasks)}.")
+        raise UserError(f"Strategy {strategy!r}: task {argument!r} is not among config.tasks {tuple(config.tasks)}.")
     config.name = strategy.replace(":", "_") if name not in ("prior", "auxi_nas") else name
     config.aux.tasks = ()
     config.aux.genotype = None
@@ -266,7 +268,7 @@ def _convert(text: str, current, path: str):
                     pass
         return text
     except ValueError:
-        raise ValueError(f"Config variant {path}={text!r}: expected a value of type {kind.__name__}.") from None
+        raise UserError(f"Config variant {path}={text!r}: expected a value of type {kind.__name__}.") from None
 
 
 def split_runlocal(arg: str | None) -> tuple[bool, str | None]:

@@ -15,6 +15,7 @@ modules. Name the pre-trained workdir with `from=` and the same strategy it was 
 
 from auxmtl_configs import common
 from auxmtl_configs import nyuv2_two_task
+from auxmtl_jax.errors import UserError
 
 USAGE = "--config=configs/nyuv2_finetune.py:from=PRETRAINED_WORKDIR[,strategy=...]"
 
@@ -24,7 +25,7 @@ def get_config(arg=None):
     parts = [part for part in (arg or "").split(",") if part.strip()]
     sources = [part.partition("=")[2].strip() for part in parts if part.strip().startswith("from=")]
     if len(sources) != 1 or not sources[0]:
-        raise ValueError(f"configs/nyuv2_finetune.py needs exactly one pre-trained run: {USAGE} (got {arg!r})")
+        raise UserError(f"configs/nyuv2_finetune.py needs exactly one pre-trained run: {USAGE} (got {arg!r})")
     rest = ",".join(part for part in parts if not part.strip().startswith("from=")) or None
     config = nyuv2_two_task.get_config(rest)
     config.name = f"finetune_{config.name}"

@@ -314,9 +314,11 @@ def test_plot_cli_writes_fig5_and_fig3(sweep, tmp_path, capsys):
 ])
 def test_plot_cli_reports_one_clear_error_and_writes_nothing(sweep, tmp_path, capsys, make_args, message):
     out = tmp_path / "out" / "figure.png"
-    assert plot.main(make_args(sweep, tmp_path) + ["--out", str(out)]) == 1
+    with pytest.raises(SystemExit) as raised:
+        plot.main(make_args(sweep, tmp_path) + ["--out", str(out)])
+    assert raised.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("plot fig") and error[0].split(": error: ")[1]
+    assert len(error) == 1 and error[0].startswith("error: ")
     assert re.search(message, error[0])
     assert not out.parent.exists()
 

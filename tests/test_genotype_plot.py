@@ -93,15 +93,18 @@ def test_bad_genotype_file_reports_one_error_line_and_writes_nothing(tmp_path, c
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(raw))
     out = tmp_path / "out" / "cells.png"
-    assert plot.main(["genotype", str(path), "--out", str(out)]) == 1
+    with pytest.raises(SystemExit) as raised:
+        plot.main(["genotype", str(path), "--out", str(out)])
+    assert raised.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("plot genotype: error: ")
+    assert len(error) == 1 and error[0].startswith("error: genotype file ")
     assert str(path) in error[0] and "cells['depth'][1] input_a=11" in error[0]
     assert not out.exists() and not out.parent.exists()
 
 
 def test_non_png_output_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "cells.pdf"
-    assert plot.main(["genotype", str(EXAMPLE), "--out", str(out)]) == 1
+    with pytest.raises(SystemExit, match="^1$"):
+        plot.main(["genotype", str(EXAMPLE), "--out", str(out)])
     assert "expected a path ending in .png" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

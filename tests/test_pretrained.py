@@ -18,6 +18,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from auxmtl_jax import pretrained
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.models.encoders import encoder_module
 
 # torchvision MobileNetV2 (t, c, n, s) and the blocks (features.i) whose outputs are our stage1..stage5.
@@ -349,7 +350,7 @@ def test_pth_without_torch_says_how_to_proceed(tmp_path, monkeypatch):
     path = tmp_path / "weights.pth"
     path.write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
-    with pytest.raises(ImportError, match=r"needs PyTorch \(pip install .*torch.*\.safetensors"):
+    with pytest.raises(UserError, match=r"needs PyTorch \(pip install .*torch.*\.safetensors"):
         pretrained.load_state_dict(path)
 
 

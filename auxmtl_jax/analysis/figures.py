@@ -20,6 +20,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from auxmtl_jax.analysis.gradients import LOG_PREFIXES, depth_order_key
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.metrics import HIGHER_IS_BETTER
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,7 +33,7 @@ FIG3_NAME = "fig3_strategies.png"
 PREDICTIONS_NAME = "fig6_predictions.png"
 
 
-class AnalysisInputError(ValueError):
+class AnalysisInputError(UserError):
     """An analysis input (workdir, file, key, array) is missing or not what the figure expects."""
 
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auxmtl_jax.errors import UserError
+
 PyTree = Any
 LOG_PREFIXES = ("grad", "grad_main", "grad_aux")
 
@@ -83,9 +85,9 @@ def sample_coordinates(
     with the same encoder (e.g. Joint and Auxi-T2) track exactly the same parameters. Indices are sorted int32.
     """
     if isinstance(samples_per_layer, bool) or not isinstance(samples_per_layer, (int, np.integer)):
-        raise TypeError(f"samples_per_layer must be an int, got {samples_per_layer!r}")
+        raise UserError(f"samples_per_layer must be an int, got {samples_per_layer!r}")
     if samples_per_layer < 1:
-        raise ValueError(f"samples_per_layer must be >= 1, got {samples_per_layer}")
+        raise UserError(f"samples_per_layer must be >= 1, got {samples_per_layer}")
     available = encoder_conv_layers(encoder_params)
     if not available:
         raise ValueError("encoder params contain no conv kernels (4-D leaves named 'kernel'); pass "
@@ -94,7 +96,7 @@ def sample_coordinates(
         layers = available
     unknown = [layer for layer in layers if layer not in available]
     if unknown:
-        raise ValueError(f"unknown encoder conv layer(s) {unknown}; expected some of {available}")
+        raise UserError(f"unknown encoder conv layer(s) {unknown}; expected some of {available}")
     leaves = _leaves_by_path(encoder_params)
     coordinates = {}
     for layer in layers:

@@ -19,10 +19,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from auxmtl_jax import errors
 from auxmtl_jax.analysis import figures
 from auxmtl_jax.analysis.figures import AnalysisInputError
 from auxmtl_jax.analysis.genotype_plot import plot_genotype
-from auxmtl_jax.nas import GenotypeError, load_genotype
+from auxmtl_jax.nas import load_genotype
 
 
 def resolve_runs(specs: Sequence[str], required_file: str) -> dict[str, Path]:
@@ -85,7 +86,7 @@ def plot_genotype_file(genotype_path: str, *, out: str, dpi: int = 150) -> list[
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = errors.ArgumentParser(
         prog="python -m auxmtl_jax.analysis.plot",
         description="Figures from training workdirs (paper Fig. 5, 3) and Auxi-NAS genotypes (Fig. 4).",
     )
@@ -115,28 +116,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (1 with one error line on stderr for bad inputs)."""
+    """Runs the CLI; returns 0, or exits with status 1 and one `error: ...` line on stderr for a bad input."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "genotype":
-            written = plot_genotype_file(args.genotype, out=args.out, dpi=args.dpi)
-        elif args.command == "search":
-            from auxmtl_jax.analysis import search_plot
-
-            written = search_plot.write_search_figures(args.workdir)
-        elif args.command == "fig5":
-            written = plot_fig5(args.runs, out=args.out, task=args.task, layers=args.layers,
-                                component=args.component, smoothing=args.smoothing, dpi=args.dpi)
-        else:
-            written, left_out = plot_fig3(args.runs, out=args.out, x=args.x, y=args.y, dpi=args.dpi)
-            for name, reason in left_out.items():
-                print(f"fig3: left out run {name!r}: {reason}", file=sys.stderr)
-    except (AnalysisInputError, GenotypeError) as error:
-        print(f"plot {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    with errors.reported_as_one_line(args.verbose):
+        written = _write_figures(args)
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _write_figures(args: argparse.Namespace) -> list[Path]:
+    if args.command == "genotype":
+        return plot_genotype_file(args.genotype, out=args.out, dpi=args.dpi)
+    if args.command == "search":
+        from auxmtl_jax.analysis import search_plot
+
+        return search_plot.write_search_figures(args.workdir)
+    if args.command == "fig5":
+        return plot_fig5(args.runs, out=args.out, task=args.task, layers=args.layers, component=args.component,
+                         smoothing=args.smoothing, dpi=args.dpi)
+    written, left_out = plot_fig3(args.runs, out=args.out, x=args.x, y=args.y, dpi=args.dpi)
+    for name, reason in left_out.items():
+        print(f"fig3: left out run {name!r}: {reason}", file=sys.stderr)
+    return written
 
 
 if __name__ == "__main__":

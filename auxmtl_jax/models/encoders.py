@@ -49,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.models.layers import ConvBN, batch_norm, conv2d, relu6
 
 Dtype = Any
@@ -322,9 +323,9 @@ def encoder_features(encoder: str, *, width_multiplier: float = 1.0, output_stri
 def encoder_stages(encoder: str, *, width_multiplier: float = 1.0, output_stride: int = 32) -> tuple[StageSpec, ...]:
     """The stages an encoder sows, with effective strides and channels, computed without running it."""
     if encoder not in ENCODERS:
-        raise ValueError(f"model.encoder: unknown encoder {encoder!r}; expected one of {ENCODERS}")
+        raise UserError(f"model.encoder: unknown encoder {encoder!r}; expected one of {ENCODERS}")
     if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"model.output_stride: got {output_stride!r}; expected one of {OUTPUT_STRIDES}")
+        raise UserError(f"model.output_stride: got {output_stride!r}; expected one of {OUTPUT_STRIDES}")
     if encoder == "mobilenet_v2":
         blocks = mobilenet_v2_blocks(width_multiplier, output_stride)
         return tuple(StageSpec(block.stage, min(2 ** int(block.stage[5:]), output_stride), block.out_channels)

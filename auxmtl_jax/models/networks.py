@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from auxmtl_jax import tasks as task_lib
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, RESOLUTIONS, AuxiliaryModule, DeepSupervisionHeads
 from auxmtl_jax.models.cells import AuxiliaryCells
 from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
@@ -247,12 +248,12 @@ def build_model(model_cfg: Any, tasks: Mapping[str, int], aux_cfg: Any = None,
     dtype_name = _choice(model_cfg, "model.dtype", "dtype", tuple(DTYPES), default="float32")
     width_multiplier = _field(model_cfg, "model.width_multiplier", "width_multiplier", 1.0)
     if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, numbers.Real) or width_multiplier <= 0:
-        raise ValueError(f"model.width_multiplier: expected a positive number, got {width_multiplier!r}")
+        raise UserError(f"model.width_multiplier: expected a positive number, got {width_multiplier!r}")
     output_stride = _field(model_cfg, "model.output_stride", "output_stride", None)
     if output_stride is None:
         output_stride = DEFAULT_OUTPUT_STRIDE[decoder]
     elif isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"model.output_stride: got {output_stride!r}; expected None (decoder default) or one of "
+        raise UserError(f"model.output_stride: got {output_stride!r}; expected None (decoder default) or one of "
                          f"{OUTPUT_STRIDES}")
     head_channels = _field(model_cfg, "model.head_channels", "head_channels", None)
     if head_channels is None:
@@ -284,17 +285,17 @@ def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple
         return ()
     features = _field(aux_cfg, "aux.features", "features", ()) or ()
     if isinstance(features, str):
-        raise ValueError(f"aux.features: expected a sequence of stage names, got the string {features!r}; "
+        raise UserError(f"aux.features: expected a sequence of stage names, got the string {features!r}; "
                          f"the encoder sows {stage_names}")
     features = tuple(features)
     unknown = [name for name in features if name not in selectable]
     if unknown:
         blocks = [name for name in selectable if name not in stage_names]
         also = f" and the residual blocks layer<l>_block<b> ({blocks[0]} .. {blocks[-1]})" if blocks else ""
-        raise ValueError(f"aux.features: {unknown} not sown by this encoder; it sows {stage_names}{also}")
+        raise UserError(f"aux.features: {unknown} not sown by this encoder; it sows {stage_names}{also}")
     repeated = sorted({name for name in features if features.count(name) > 1})
     if repeated:
-        raise ValueError(f"aux.features: stage(s) {repeated} listed more than once")
+        raise UserError(f"aux.features: stage(s) {repeated} listed more than once")
     features = tuple(name for name in selectable if name in features) if features else stage_names
     adaptor = _choice(aux_cfg, "aux.adaptor", "adaptor", ADAPTORS, default="conv1x1")
     aggregate = _choice(aux_cfg, "aux.aggregate", "aggregate", tuple(AGGREGATES), default="concat")
@@ -315,7 +316,7 @@ def _cell_modules(aux_cfg: Any, genotype: Any, task_channels: dict[str, int], st
     elif isinstance(genotype, (Genotype, CellSpace)):
         source = "aux.genotype"
     else:
-        raise ValueError(f"aux.genotype: expected a genotype JSON path, a nas.Genotype or a nas.CellSpace, got "
+        raise UserError(f"aux.genotype: expected a genotype JSON path, a nas.Genotype or a nas.CellSpace, got "
                          f"{type(genotype).__name__}")
     space = genotype.space if isinstance(genotype, Genotype) else genotype
     space.check_fits(tasks=tuple(task_channels), stages=stage_names, source=source)
@@ -352,12 +353,12 @@ def _selected_tasks(cfg: Any, what: str, task_channels: dict[str, int]) -> tuple
 
 def _validated_tasks(tasks: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(tasks, Mapping) or not tasks:
-        raise ValueError(f"tasks: expected a non-empty mapping task name -> output channels, got {tasks!r}")
+        raise UserError(f"tasks: expected a non-empty mapping task name -> output channels, got {tasks!r}")
     task_lib.validate_tasks(tuple(tasks), what="tasks")
     for task, channels in tasks.items():
         _require_positive_int(f"tasks[{task!r}] (output channels)", channels)
         if task in _FIXED_TASK_CHANNELS and channels != _FIXED_TASK_CHANNELS[task]:
-            raise ValueError(f"tasks[{task!r}]: a {task} head has {_FIXED_TASK_CHANNELS[task]} output channel(s), "
+            raise UserError(f"tasks[{task!r}]: a {task} head has {_FIXED_TASK_CHANNELS[task]} output channel(s), "
                              f"got {channels!r}")
     return dict(tasks)
 
@@ -369,7 +370,7 @@ def _field(cfg: Any, what: str, attribute: str, default: Any = _MISSING) -> Any:
     value = getattr(cfg, attribute, _MISSING)
     if value is _MISSING:
         if default is _MISSING:
-            raise ValueError(f"{what}: missing from the config ({type(cfg).__name__})")
+            raise UserError(f"{what}: missing from the config ({type(cfg).__name__})")
         return default
     return value
 
@@ -377,10 +378,10 @@ def _field(cfg: Any, what: str, attribute: str, default: Any = _MISSING) -> Any:
 def _choice(cfg: Any, what: str, attribute: str, allowed: tuple[str, ...], default: Any = _MISSING) -> str:
     value = _field(cfg, what, attribute, default)
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{what}: unknown value {value!r}; expected one of {allowed}")
+        raise UserError(f"{what}: unknown value {value!r}; expected one of {allowed}")
     return value
 
 
 def _require_positive_int(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+        raise UserError(f"{what}: expected a positive integer, got {value!r}")

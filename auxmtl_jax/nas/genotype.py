@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from auxmtl_jax.errors import UserError
+
 FORMAT = "auxmtl_jax.genotype/1"
 # The adaptor operations of the search space (paper Sec. 3.2) and the two aggregators; every one outputs the
 # cell width at the cell's resolution.
@@ -59,7 +61,7 @@ TASKS = ("segmentation", "depth", "normal")
 Cell = tuple[int, int, int, int, int]
 
 
-class GenotypeError(ValueError):
+class GenotypeError(UserError):
     """A genotype that is malformed or does not fit the model; the message names the file, cell and token."""
 
 

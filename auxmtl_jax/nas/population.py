@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import train as train_lib
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import MultiTaskModel
 
 CANDIDATES_AXIS = "candidates"
@@ -104,7 +105,7 @@ def population_sharding(mesh: Mesh, population: PopulationState):
     size = mesh.shape[CANDIDATES_AXIS]
     count = population.active.shape[0]
     if count % size:
-        raise ValueError(f"population of {count} candidates does not split over {size} devices of the "
+        raise UserError(f"population of {count} candidates does not split over {size} devices of the "
                          f"'{CANDIDATES_AXIS}' axis; use a multiple of {size}")
     return jax.tree.map(lambda _: candidate_sharding(mesh), population)
 

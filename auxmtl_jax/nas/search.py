@@ -35,6 +35,7 @@ from etils import epath
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import train as train_lib
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import build_model
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import ppo as ppo_lib
@@ -53,7 +54,7 @@ def search_space(config, stage_names: tuple[str, ...]) -> CellSpace:
     stages = tuple(config.search.stages) or stage_names
     missing = [stage for stage in stages if stage not in stage_names]
     if missing:
-        raise ValueError(f"search.stages: {missing} are not sown by this encoder; it sows {stage_names}")
+        raise UserError(f"search.stages: {missing} are not sown by this encoder; it sows {stage_names}")
     cells = config.search.cells_per_task or len(stages)
     return CellSpace(tuple(config.search.tasks or config.tasks), stages, int(cells))
 
@@ -62,7 +63,7 @@ def meta_splits(config) -> tuple[str, str]:
     """Deterministic meta-train / meta-val slices of the dataset's train split."""
     fraction = config.search.meta_train_fraction
     if not 0 < fraction < 1:
-        raise ValueError(f"search.meta_train_fraction={fraction!r}; expected a fraction in (0, 1)")
+        raise UserError(f"search.meta_train_fraction={fraction!r}; expected a fraction in (0, 1)")
     percent = round(100 * fraction)
     split = config.dataset.train_split
     return f"{split}[:{percent}%]", f"{split}[{percent}%:]"
@@ -82,11 +83,11 @@ def ppo_config(config) -> ppo_lib.PPOConfig:
     known = {field.name for field in dataclasses.fields(ppo_lib.PPOConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"search.ppo: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        raise UserError(f"search.ppo: unknown field(s) {unknown}; expected some of {sorted(known)}")
     try:
         return ppo_lib.PPOConfig(**fields)
     except ValueError as error:
-        raise ValueError(f"search.ppo: {error}") from None
+        raise UserError(f"search.ppo: {error}") from None
 
 
 def validate_search_config(config) -> ppo_lib.PPOConfig:
@@ -95,23 +96,23 @@ def validate_search_config(config) -> ppo_lib.PPOConfig:
     for key in ("num_candidates", "population"):
         value = search[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"search.{key}={value!r}; expected a positive integer")
+            raise UserError(f"search.{key}={value!r}; expected a positive integer")
     steps = tuple(search.steps)
     if (len(steps) != 2 or any(isinstance(step, bool) or not isinstance(step, int) or step < 0 for step in steps)
             or steps[0] < 1):
-        raise ValueError(f"search.steps={steps!r}; expected (first-stage steps >= 1, second-stage steps >= 0)")
+        raise UserError(f"search.steps={steps!r}; expected (first-stage steps >= 1, second-stage steps >= 0)")
     if not 0 <= search.polyak_decay < 1:
-        raise ValueError(f"search.polyak_decay={search.polyak_decay!r}; expected a value in [0, 1)")
+        raise UserError(f"search.polyak_decay={search.polyak_decay!r}; expected a value in [0, 1)")
     if search.termination_fraction < 0:
-        raise ValueError(f"search.termination_fraction={search.termination_fraction!r}; expected >= 0")
+        raise UserError(f"search.termination_fraction={search.termination_fraction!r}; expected >= 0")
     devices = search.get("devices", 0)
     available = len(jax.local_devices())
     if isinstance(devices, bool) or not isinstance(devices, int) or not 0 <= devices <= available:
-        raise ValueError(f"search.devices={devices!r}; expected 0 (every local device) up to the {available} local "
+        raise UserError(f"search.devices={devices!r}; expected 0 (every local device) up to the {available} local "
                          f"device(s)")
     settings = ppo_config(config)
     if search.population > settings.buffer_size:
-        raise ValueError(f"search.population={search.population} exceeds search.ppo.buffer_size="
+        raise UserError(f"search.population={search.population} exceeds search.ppo.buffer_size="
                          f"{settings.buffer_size}: a generation's candidates must fit the PPO buffer")
     meta_splits(config)
     return settings
@@ -145,6 +146,7 @@ def prepare_search(config) -> SearchSetup:
     """Validates the config, prepares the data and compiles-on-first-use everything a search reuses."""
     train_lib.validate_config(config)
     ppo_settings = validate_search_config(config)
+    train_lib.check_input_files(config)
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
     channels = train_lib.task_channels(config.tasks, dataset.num_classes)

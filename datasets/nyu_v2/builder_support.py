@@ -6,6 +6,7 @@ NumPy, PIL, h5py and scipy only: the builders run without TensorFlow (array_reco
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Iterable, Sequence
 
@@ -14,12 +15,15 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from auxmtl_jax import errors
+from auxmtl_jax.errors import UserError
+
 TASKS = ("segmentation", "depth", "normal")
 IGNORE_LABEL = 255
 DEFAULT_FILE_FORMAT = "array_record"
 
 
-class ManualInputError(ValueError):
+class ManualInputError(UserError):
     """A manual input file of a dataset builder is missing or not in the expected format."""
 
 
@@ -232,9 +236,7 @@ class ManualDenseBuilder(tfds.core.GeneratorBasedBuilder):
 def build_main(builder_cls, argv=None) -> None:
     """Command line `python -m auxmtl_datasets.<name> --config C --manual_dir M [--data_dir D]`: builds one
     config as array_record without TensorFlow (the `tfds build` CLI itself imports TensorFlow)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
+    parser = errors.ArgumentParser(
         prog=f"python -m auxmtl_datasets.{builder_cls.name}",
         description=builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -253,9 +255,7 @@ def build_main(builder_cls, argv=None) -> None:
     args = parser.parse_args(argv)
     builder = builder_cls(config=args.config, data_dir=args.data_dir)
     if not args.manual_dir:
-        raise SystemExit(f"error: {builder.missing_manual_dir_message()}")
-    try:
+        errors.exit_with_error(builder.missing_manual_dir_message(), errors.USAGE_ERROR_STATUS)
+    with errors.reported_as_one_line(args.verbose):
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except ManualInputError as error:
-        raise SystemExit(f"error: {error}") from None
     print(f"built {builder.name}/{args.config} in {builder.data_dir}")

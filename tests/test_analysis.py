@@ -262,6 +262,22 @@ def test_sweep_figures_from_small_workdirs(sweep, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in written)  # no temporaries left
 
 
+def test_sweep_without_gradient_logs_still_gets_its_scatter(sweep, tmp_path, caplog):
+    """A sweep trained with analysis.grad_log_every_steps=0 (or fewer steps than it) leaves Fig. 5 out, not the run."""
+    runs = {}
+    for path in sorted(sweep.iterdir()):
+        copy = tmp_path / "runs" / path.name
+        copy.mkdir(parents=True)
+        (copy / "results.json").write_bytes((path / "results.json").read_bytes())
+        kept = [line for line in (path / "metrics.jsonl").read_text().splitlines()
+                if not any(key.startswith("grad") for key in json.loads(line))]
+        (copy / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+        runs[path.name] = copy
+    written = figures.write_sweep_figures(runs, tmp_path / "figures", task="depth")
+    assert {p.name for p in written} == {"fig3_strategies.png", "fig3_strategies.svg"}
+    assert "left out fig5_gradients.png: no run logs both gradient entries" in caplog.text
+
+
 def test_fig5_shows_multi_task_runs_and_three_layers_spread_across_depth(sweep):
     metrics = {path.name: figures.read_metrics(path) for path in sweep.iterdir()}
     selected = figures.select_fig5_runs(metrics, "depth")

@@ -9,6 +9,7 @@ temporary names, so a bad input leaves no partial output behind.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import uuid
@@ -576,7 +577,8 @@ def write_sweep_figures(
 ) -> list[Path]:
     """The figures of a multi-strategy sweep in `out_dir`; returns the written paths.
 
-    - `fig5_gradients.png/.svg`: every multi-task run (all runs when none is) logging gradients and `loss/<task>`.
+    - `fig5_gradients.png/.svg`: every multi-task run (all runs when none is) logging gradients and `loss/<task>`;
+      left out, with a warning, when no run logged gradients.
     - `fig3_strategies.png/.svg`: when at least one run has results.json (headline metrics of two tasks).
     - `fig6_predictions.png`: when `prediction_examples` is given: `image`, ground truth under `<task>` and
       predictions under `prediction/<task>` (batch-contract layouts; seg logits give num_classes).
@@ -588,8 +590,12 @@ def write_sweep_figures(
     results = {
         name: read_results(path) for name, path in run_workdirs.items() if (Path(path) / RESULTS_FILE).is_file()
     }
-    fig5 = gradient_curves(select_fig5_runs(metrics, task), loss_key=f"loss/{task}")
-    pending = [(fig5, out_dir / FIG5_NAME, True)]
+    pending = []
+    try:
+        pending.append((gradient_curves(select_fig5_runs(metrics, task), loss_key=f"loss/{task}"),
+                        out_dir / FIG5_NAME, True))
+    except AnalysisInputError as error:  # e.g. analysis.grad_log_every_steps=0, or fewer steps than it
+        logging.getLogger("auxmtl_jax").warning("left out %s: %s", FIG5_NAME, error)
     if results:
         x, y = choose_scatter_metrics(results)
         pending.append((strategy_scatter(results, x, y), out_dir / FIG3_NAME, True))

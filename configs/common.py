@@ -183,7 +183,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
             apply_prior(config, value)
             config.name = f"{config.name}_from_prior"
         else:
-            _set_path(config, VARIANT_KEYS[key], value)
+            set_field(config, VARIANT_KEYS[key], value)
     return config
 
 
@@ -239,14 +239,28 @@ def apply_prior(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
     return config
 
 
-def _set_path(config: ml_collections.ConfigDict, path: str, text: str) -> None:
+def set_field(config: ml_collections.ConfigDict, path: str, text: str) -> None:
     """Sets a dotted field from text, converting to the field's current type (None-typed fields: int/float/str)."""
     *parents, leaf = path.split(".")
     node = config
     for parent in parents:
         node = node[parent]
     current = node[leaf]
-    node[leaf] = _convert(text, current, path)
+    try:
+        node[leaf] = _convert(text, current, path)
+    except TypeError as error:  # a typed placeholder refuses the converted value
+        raise UserError(f"config.{path}={text!r}: {error}") from None
+
+
+def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+    """Every dotted leaf key of `config` ('optimizer.learning_rate', ...)."""
+    keys = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys |= config_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
 
 
 def _convert(text: str, current, path: str):

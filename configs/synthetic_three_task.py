@@ -35,7 +35,7 @@ def get_config(arg=None):
     config.model.head_channels = 32
     config.aux.channels = 32
     # Aux inputs from stride 4 down (not the stride-2 stage1); the README's 3-seed comparison of aux.resolution
-    # (benchmarks/seed_sweep.py) was run with these features.
+    # was run with these features.
     config.aux.features = ("stage2", "stage3", "stage4", "stage5")
     config.batch_size = 8
     config.eval_batch_size = 32

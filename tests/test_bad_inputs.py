@@ -216,6 +216,18 @@ CASES = [
     Case("prepare_cli_unknown_dataset", module("auxmtl_jax.input_pipeline", "--dataset", "imagenet",
                                                "--data_dir", "{data_dir}"),
          r"argument --dataset: invalid choice: 'imagenet'"),
+    # experiments
+    Case("experiment_unknown", module("auxmtl_jax.experiments", "table9", "--workdir", "{workdir}"),
+         r"argument name: invalid choice: 'table9'", watched=("workdir",)),
+    Case("experiment_one_variant", module("auxmtl_jax.experiments", "variants", "--workdir", "{workdir}",
+                                          "--variant", "joint=strategy=joint"),
+         r"--variant: got 1; expected at least two NAME=VARIANT", watched=("workdir",)),
+    Case("experiment_bad_run_variant", module("auxmtl_jax.experiments", "variants", "--workdir", "{workdir}",
+                                              "--variant", "joint=strategy=joint", "--variant", "b=strategy=best"),
+         r"experiment 'variants', run 'b' \(seed 0\): .*Unknown strategy 'best'", watched=("workdir",)),
+    Case("experiment_unknown_set_key", module("auxmtl_jax.experiments", "strategies", "--workdir", "{workdir}",
+                                              "--set", "optimizer.lr=0.1"),
+         r"--set 'optimizer\.lr=0\.1': 'optimizer\.lr' is not a config key", watched=("workdir",)),
     # inference
     Case("inference_missing_image", module("auxmtl_jax.inference", "--model", "{trained}/inference", "--output",
                                            "{workdir}", "{files}/none.png"),

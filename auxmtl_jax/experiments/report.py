@@ -101,9 +101,8 @@ def summary(experiment: Experiment, results: Results) -> dict:
             if task in next(iter(results[run.name].values())):
                 entries[f"{task}/{metric}"] = per_seed(experiment, results, run.name, f"{task}/{metric}")
         entries[DELTA_M] = per_seed(experiment, results, run.name, DELTA_M)
-        runs[run.name] = {key: {"mean": stats.t_interval(list(values.values()))[0],
-                                "half_width": stats.t_interval(list(values.values()))[1],
-                                "per_seed": {str(seed): value for seed, value in values.items()}}
+        runs[run.name] = {key: dict(zip(("mean", "half_width"), stats.t_interval(list(values.values()))),
+                                    per_seed={str(seed): value for seed, value in values.items()})
                           for key, values in entries.items()}
     claims = [test_claim(experiment, results, claim) for claim in experiment.claims]
     return {"runs": runs, "claims": [{"statement": result.claim.statement, "better": result.claim.better,

@@ -78,8 +78,11 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_processes(data_dir, straight, logs) == [0, 0], log_tails(logs)
 
-    # Batch 5 is asked for right after checkpoint 4 was started; checkpoint 2 is complete by then.
-    assert run_processes(data_dir, killed, logs, kill_at=5) == [-signal.SIGKILL] * NUM_PROCESSES, log_tails(logs)
+    # Batch 5 is asked for right after checkpoint 4 was started; checkpoint 2 is complete by then. Each process
+    # SIGKILLs itself when it asks for batch 5; one that is slower to ask may instead be aborted by JAX's
+    # coordination service the moment its peer dies, as the surviving hosts of a real multi-host kill are.
+    codes = run_processes(data_dir, killed, logs, kill_at=5)
+    assert -signal.SIGKILL in codes and set(codes) <= {-signal.SIGKILL, -signal.SIGABRT}, log_tails(logs)
     assert checkpoint_lib.Checkpointer(killed, read_only=True).latest_step() in (2, 4)
     assert not (killed / "results.json").exists()
     saved_states = sorted(path.name for path in (killed / "checkpoints" / "2" / checkpoint_lib.DATA_ITEM).iterdir()

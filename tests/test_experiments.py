@@ -12,6 +12,7 @@ from auxmtl_jax import train
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import EXPERIMENTS, Claim, Experiment, Run, report, run_and_report, runner, stats
 from auxmtl_jax.experiments.definitions import TWO_TASKS, variants_experiment
+from test_train import KilledAfter
 
 
 def test_t_interval_by_hand():
@@ -123,28 +124,6 @@ def test_another_size_in_the_same_dir_is_refused(finished_pair, data_dir):
     root, _ = finished_pair
     with pytest.raises(UserError, match=r"holds another experiment setting .*'size': \('tiny', 'cpu'\)"):
         run_and_report(PAIR, str(root), seeds=2, size="cpu", overrides=[f"dataset.data_dir={data_dir}"])
-
-
-class KilledAfter:
-    """A train iterator that raises KeyboardInterrupt when batch `limit` + 1 is requested."""
-
-    def __init__(self, iterator, limit):
-        self.iterator, self.limit, self.served = iterator, limit, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.served == self.limit:
-            raise KeyboardInterrupt
-        self.served += 1
-        return next(self.iterator)
-
-    def get_state(self):
-        return self.iterator.get_state()
-
-    def set_state(self, state):
-        self.iterator.set_state(state)
 
 
 def test_a_killed_experiment_resumes_to_the_uninterrupted_result(finished_pair, data_dir, tmp_path, monkeypatch):

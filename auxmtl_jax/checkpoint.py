@@ -392,15 +392,15 @@ def load_init_variables(path: str, scope: str) -> dict:
     return {collection: _cut_to_scope(tree, scope) for collection, tree in variables.items()}
 
 
-def init_source(path: str, scope: str) -> str:
-    """What `init_from.path` is, checked without reading weights: INFERENCE_DIR (an exported `main`) or
+def init_source(path: str, scope: str, what: str = "config.init_from.path") -> str:
+    """What `init_from.path` (or the config key `what`) is, checked without reading weights: INFERENCE_DIR (an exported `main`) or
     CHECKPOINT_DIR (a workdir with at least one checkpoint); anything else is one UserError."""
     if scope not in INIT_SCOPES:
         raise UserError(f"config.init_from.scope={scope!r}; expected one of {', '.join(INIT_SCOPES)}.")
     root = epath.Path(path)
     if (root / INFERENCE_VARIABLES).exists():
         if scope == "all":
-            raise UserError(f"config.init_from.path={path!r} is an exported inference folder, which holds `main` "
+            raise UserError(f"{what}={path!r} is an exported inference folder, which holds `main` "
                             "only; config.init_from.scope='all' needs the run's workdir.")
         return INFERENCE_DIR
     if (root / CHECKPOINT_DIR).is_dir():
@@ -409,10 +409,10 @@ def init_source(path: str, scope: str) -> str:
         step = manager.latest_step()
         manager.close()
         if step is None:
-            raise UserError(f"config.init_from.path={path!r}: {root / CHECKPOINT_DIR} holds no checkpoint; "
+            raise UserError(f"{what}={path!r}: {root / CHECKPOINT_DIR} holds no checkpoint; "
                             "expected a run that has saved one.")
         return CHECKPOINT_DIR
-    raise MissingInputError(f"config.init_from.path={path!r} is neither a workdir with {CHECKPOINT_DIR}/ nor an "
+    raise MissingInputError(f"{what}={path!r} is neither a workdir with {CHECKPOINT_DIR}/ nor an "
                             f"exported {INFERENCE_DIR}/ folder with {INFERENCE_VARIABLES}.")
 
 

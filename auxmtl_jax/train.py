@@ -162,17 +162,28 @@ def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
 def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict, dict, dict]:
     """Merges `model.encoder_init` and `init_from` into fresh variables; returns them and the params tree that
     `init_from` loaded (empty without it)."""
-    if config.model.encoder_init and config.model.encoder_init != SCRATCH:
+    encoder_init = config.model.encoder_init
+    if encoder_init and encoder_init != SCRATCH and epath.Path(encoder_init).is_dir():
+        loaded = checkpoint_lib.load_init_variables(encoder_init, "encoder")
+        params, batch_stats = _merge_loaded(params, batch_stats, loaded, f"config.model.encoder_init={encoder_init!r}")
+    elif encoder_init and encoder_init != SCRATCH:
         from auxmtl_jax import pretrained
 
         with errors.about("config.model.encoder_init"):
-            encoder = pretrained.load_pretrained_encoder(config.model.encoder_init, config.model.encoder)
+            encoder = pretrained.load_pretrained_encoder(encoder_init, config.model.encoder)
             merged = pretrained.merge_encoder({"params": params, "batch_stats": batch_stats}, encoder)
         params, batch_stats = dict(merged["params"]), dict(merged["batch_stats"])
     if not config.init_from.path:
         return params, batch_stats, {}
-    where = f"config.init_from.path={config.init_from.path!r} (scope {config.init_from.scope!r})"
     loaded = checkpoint_lib.load_init_variables(config.init_from.path, config.init_from.scope)
+    where = f"config.init_from.path={config.init_from.path!r} (scope {config.init_from.scope!r})"
+    params, batch_stats = _merge_loaded(params, batch_stats, loaded, where)
+    return params, batch_stats, loaded["params"]
+
+
+def _merge_loaded(params: dict, batch_stats: dict, loaded: dict, where: str) -> tuple[dict, dict]:
+    """`load_init_variables`' groups merged into the fresh variables; a group this model lacks is one UserError."""
+    params, batch_stats = dict(params), dict(batch_stats)
     for collection, target in (("params", params), ("batch_stats", batch_stats)):
         for group, subtree in loaded[collection].items():
             if not subtree:
@@ -181,7 +192,7 @@ def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict
                 raise UserError(f"Cannot load {where}: it has {group} modules ({', '.join(sorted(subtree))}) and "
                                  f"this model has none; configure them (e.g. aux.tasks) or use another scope.")
             target[group] = checkpoint_lib.merge_params(target[group], subtree, what=f"{where}, {collection}/{group}")
-    return params, batch_stats, loaded["params"]
+    return params, batch_stats
 
 
 def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
@@ -408,7 +419,9 @@ def check_input_files(config) -> None:
     prepared; the weights are checked against the model's shapes by `check_initialisations`."""
     reference_results(config)
     encoder_init = config.model.get("encoder_init")
-    if encoder_init and encoder_init != SCRATCH:
+    if encoder_init and encoder_init != SCRATCH and epath.Path(encoder_init).is_dir():
+        checkpoint_lib.init_source(encoder_init, "encoder", what="config.model.encoder_init")
+    elif encoder_init and encoder_init != SCRATCH:
         from auxmtl_jax import pretrained
 
         with errors.about("config.model.encoder_init"):

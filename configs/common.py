@@ -82,8 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.decoder = "ushape"
     config.model.head_channels = ml_collections.config_dict.placeholder(int)
     config.model.dtype = "float32"
-    # An ImageNet weight file for the encoder (README "Pretrained encoders"), or 'scratch'. The paper configs set
-    # model.pretrained_required: they stop without one instead of silently training from scratch.
+    # The encoder's start: an ImageNet weight file (README "Pretrained encoders"), a run of ours (its workdir or
+    # inference export; its encoder is loaded), or 'scratch'. The paper configs set model.pretrained_required:
+    # they stop without one instead of silently training from scratch.
     config.model.encoder_init = ml_collections.config_dict.placeholder(str)
     config.model.pretrained_required = False
 

@@ -51,6 +51,23 @@ def test_paper_configs_stop_without_an_imagenet_encoder_unless_told_scratch(modu
     train.validate_config(get_config("synthetic_three_task"))  # the demo trains from scratch by design
 
 
+def test_the_synthetic_encoder_start_fits_the_cpu_experiments_and_sees_other_scenes():
+    from auxmtl_datasets.synthetic_scenes import builder, render
+    from auxmtl_jax.experiments import EXPERIMENTS, runner
+
+    start = get_config("synthetic_pretrain")
+    train.validate_config(start)
+    base = runner.base_config(EXPERIMENTS["strategies"], size="cpu", dataset="synthetic_scenes")
+    assert (start.model.encoder, start.model.width_multiplier) == (base.model.encoder, base.model.width_multiplier)
+    assert start.aux.tasks == () and start.tasks == ("segmentation", "depth", "normal")
+    scenes = {config.name: config for config in builder.SyntheticScenes.BUILDER_CONFIGS}
+    pretrain, demo = scenes[start.dataset.config], scenes[base.dataset.config]
+    assert (pretrain.height, pretrain.width) == (demo.height, demo.width) and pretrain.seed != demo.seed
+    first = render.render_example(pretrain.seed, "train", 0, 48, 64)["image"]
+    assert not np.array_equal(first, render.render_example(demo.seed, "train", 0, 48, 64)["image"])
+    assert get_config("synthetic_pretrain", "runlocal").dataset.config == "tiny"
+
+
 def test_strategies_set_orthogonal_fields():
     config = get_config("sunrgbd_three_task", "strategy=auxi:depth,decoder=context,width=0.5")
     assert config.aux.tasks == ("depth",) and config.model.decoder == "context"

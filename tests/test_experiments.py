@@ -3,6 +3,9 @@ that completes, re-runs without training, and resumes after a kill to the uninte
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 from etils import epath
@@ -42,6 +45,14 @@ def test_paired_test_without_spread_or_pairs_is_not_significant():
         stats.paired_test([1.0, 2.0], [1.0])
 
 
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04 of m = 3: 3 * 0.01 = 0.03, 2 * 0.03 = 0.06, max(0.06, 1 * 0.04) = 0.06 (monotone);
+    # the untested NaN stays out of the family.
+    adjusted = stats.holm_adjusted([0.01, 0.04, 0.03, math.nan])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    assert stats.holm_adjusted([0.5, 0.6]) == [1.0, 1.0]
+
+
 def test_claims_compare_lower_is_better_metrics_with_the_right_sign():
     experiment = Experiment("x", "test", ("depth",), (Run("a", "", "A"), Run("b", "", "B")),
                             (Claim("a", "b", "A beats B", metric="depth/abs_err"),), singles={"depth": "b"})
@@ -64,6 +75,19 @@ def test_every_run_of_every_experiment_builds_a_valid_config(name, tmp_path):
         for needed in experiment.dependencies(run):
             assert config.init_from.path == str(runner.run_workdir(tmp_path, needed, 2).absolute())
     assert set(experiment.fig5) <= {run.name for run in experiment.runs}
+
+
+def test_set_overrides_apply_after_each_runs_strategy(tmp_path):
+    # A strategy resets the fields it owns (loss weighting, aux modules, init_from); `--set` must still win, as
+    # `--config.KEY=VALUE` does after a run.py variant.
+    experiment = EXPERIMENTS["strategies"]
+    overrides = ["loss_weighting=kendall", "aux.channels=16", "num_train_steps=7"]
+    base = runner.base_config(experiment, size="cpu", dataset="synthetic_scenes", overrides=overrides)
+    for name in ("joint", "auxi_both", "prior_seg"):
+        config = runner.run_config(experiment, experiment.run(name), 0, base, tmp_path, overrides)
+        assert (config.loss_weighting, config.aux.channels, config.num_train_steps) == ("kendall", 16, 7)
+    prior = runner.run_config(experiment, experiment.run("prior_seg"), 0, base, tmp_path, overrides)
+    assert prior.init_from.path == str(runner.run_workdir(tmp_path, "single_seg", 0).absolute())
 
 
 def test_runs_out_of_dependency_order_are_refused():
@@ -103,6 +127,7 @@ def test_a_tiny_experiment_writes_its_report(finished_pair):
     assert summary["runs"]["joint"]["delta_m"]["per_seed"] == {"0": 0.0, "1": 0.0}  # Δm% of the reference itself
     claim = summary["claims"][0]
     assert claim["pairs"] == 2 and claim["verdict"] in ("holds", "does not hold", "not significant")
+    assert claim["holm_p_value"] == pytest.approx(claim["p_value"], nan_ok=True)  # a family of one claim
     text = (root / "report.md").read_text()
     assert "| Auxi | " in text and "- Auxi beats Joint — **" in text and "![fig5_bands.png](fig5_bands.png)" in text
     assert "Size `tiny`: synthetic_scenes/tiny" in text
@@ -158,3 +183,22 @@ def test_variants_experiment_compares_every_variant_with_the_first():
     assert [(claim.better, claim.worse) for claim in experiment.claims] == [("auxi", "joint"), ("ds", "joint")]
     with pytest.raises(UserError, match="expected at least two"):
         variants_experiment({"joint": "strategy=joint"})
+
+
+_CACHE_PROBE = """
+import sys, jax
+from auxmtl_jax.experiments import runner
+runner.use_compilation_cache(sys.argv[1])
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+@pytest.mark.parametrize("user_cache", [None, "user_cache"])
+def test_the_command_line_caches_compilations_in_the_experiment_dir_unless_the_user_set_a_cache(user_cache, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "JAX_COMPILATION_CACHE_DIR"}
+    if user_cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / user_cache)
+    probe = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(tmp_path / "exp")], env=env, check=True,
+                           capture_output=True, text=True)
+    expected = tmp_path / user_cache if user_cache else tmp_path / "exp" / runner.COMPILATION_CACHE_DIR
+    assert probe.stdout.strip() == str(expected)

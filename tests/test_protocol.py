@@ -91,6 +91,35 @@ def test_prior_from_a_run_with_an_unknown_task_fails_clearly(segmentation_prior,
         fresh_state(config)
 
 
+@pytest.mark.parametrize("source", ["workdir", "inference"])
+def test_encoder_init_from_a_run_loads_its_encoder_only(source, segmentation_prior, data_dir):
+    # A shared encoder start (the experiments' `--set model.encoder_init=RUN`): the run's encoder and its BN
+    # statistics, the full learning rate, every decoder and aux module fresh.
+    workdir, prior = segmentation_prior
+    path = workdir if source == "workdir" else workdir / "inference"
+    config = tiny_config(data_dir, "strategy=auxi_all")
+    config.model.encoder_init = str(path)
+    train.check_input_files(config)
+    _, state, schedule = fresh_state(config)
+    _, scratch, _ = fresh_state(tiny_config(data_dir, "strategy=auxi_all"))
+    assert_trees_equal(state.params["main"]["encoder"], prior["params"]["main"]["encoder"])
+    assert_trees_equal(state.batch_stats["main"]["encoder"], prior["batch_stats"]["main"]["encoder"])
+    for module in ("segmentation_decoder", "depth_decoder", "normal_decoder"):
+        assert_trees_equal(state.params["main"][module], scratch.params["main"][module])
+    assert_trees_equal(state.params["aux"], scratch.params["aux"])
+    assert float(schedule(0)) == pytest.approx(LEARNING_RATE)
+
+
+def test_a_prior_overrides_the_shared_encoder_start(segmentation_prior, data_dir, tmp_path):
+    workdir, prior = segmentation_prior
+    other = tmp_path / "other_start"
+    train.train_and_evaluate(tiny_config(data_dir, "strategy=single:depth"), str(other))
+    config = tiny_config(data_dir, f"strategy=prior:{workdir}")
+    config.model.encoder_init = str(other)
+    _, state, _ = fresh_state(config)
+    assert_trees_equal(state.params["main"]["encoder"], prior["params"]["main"]["encoder"])
+
+
 def test_deep_supervision_of_one_task_is_a_tenth_of_the_sum_over_stages(data_dir):
     config = tiny_config(data_dir, "strategy=deep_supervision:depth")
     assert config.name == "deep_supervision_depth" and config.deep_supervision.tasks == ("depth",)

@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 from etils import epath
 
+from auxmtl_jax import train
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import report, runner
 from auxmtl_jax.experiments.definitions import EXPERIMENTS, Claim, Experiment, Run
@@ -25,11 +26,17 @@ def setting_line(experiment: Experiment, size: str, dataset: str, overrides: Seq
     config = runner.base_config(experiment, size=size, dataset=dataset, overrides=overrides)
     device = jax.devices()[0]
     return (f"Size `{size}`: {config.dataset.name}/{config.dataset.config}, tasks {', '.join(config.tasks)}; "
-            f"{config.model.encoder} x{config.model.width_multiplier} from scratch, aux width {config.aux.channels}; "
+            f"{config.model.encoder} x{config.model.width_multiplier} {_encoder_start(config)}, "
+            f"aux width {config.aux.channels}; "
             f"{config.num_train_steps} steps of batch {config.batch_size} on {tuple(config.input.crop_size)} crops, "
             f"SGD lr {config.optimizer.learning_rate} ({config.optimizer.schedule}); "
             f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
             + (f"; overrides {', '.join(overrides)}" if overrides else ""))
+
+
+def _encoder_start(config) -> str:
+    start = config.model.encoder_init
+    return "from scratch" if not start or start == train.SCRATCH else f"starting from the encoder of {start}"
 
 
 def run_and_report(experiment: str | Experiment, workdir: str, *, seeds: int | Sequence[int] | None = None,

@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("auxmtl_jax").setLevel(logging.INFO)
     with errors.reported_as_one_line(args.verbose):
+        runner.use_compilation_cache(args.workdir)
         experiment = variants_experiment(parse_variants(args.variants)) if args.name == "variants" else args.name
         written = run_and_report(experiment, args.workdir, seeds=args.seeds, size=args.size, dataset=args.dataset,
                                  overrides=args.overrides)

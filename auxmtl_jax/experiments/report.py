@@ -59,16 +59,16 @@ def _better_is_higher(metric: str) -> bool:
 class ClaimResult:
     claim: Claim
     test: stats.PairedTest  # of better − worse, signed so that positive means `better` is better
+    holm_p_value: float = math.nan  # adjusted over the experiment's claims (`stats.holm_adjusted`)
 
     def line(self, experiment: Experiment) -> str:
         better, worse = experiment.run(self.claim.better).label, experiment.run(self.claim.worse).label
         metric = "Δm%" if self.claim.metric == DELTA_M else self.claim.metric
         p = "n/a" if math.isnan(self.test.p_value) else f"{self.test.p_value:.3f}"
-        verdict = self.test.verdict if self.test.verdict != "not significant" else f"not significant (p = {p})"
-        if self.test.verdict != "not significant":
-            verdict += f" (p = {p})"
-        return (f"{self.claim.statement} — **{verdict}**: {metric} of {better} minus {worse} = "
-                f"{self.test.mean_difference:+.3f} ± {_format_half(self.test.half_width)} over "
+        if not math.isnan(self.holm_p_value) and len(experiment.claims) > 1:
+            p += f"; Holm-adjusted {self.holm_p_value:.3f}"
+        return (f"{self.claim.statement} — **{self.test.verdict}** (p = {p}): {metric} of {better} minus {worse} "
+                f"= {self.test.mean_difference:+.3f} ± {_format_half(self.test.half_width)} over "
                 f"{self.test.pairs} paired seeds")
 
 
@@ -82,6 +82,13 @@ def test_claim(experiment: Experiment, results: Results, claim: Claim) -> ClaimR
     return ClaimResult(claim, test)
 
 
+def test_claims(experiment: Experiment, results: Results) -> list[ClaimResult]:
+    """Every claim's paired test, with p-values Holm-adjusted over the experiment's claims."""
+    tested = [test_claim(experiment, results, claim) for claim in experiment.claims]
+    adjusted = stats.holm_adjusted([result.test.p_value for result in tested])
+    return [dataclasses.replace(result, holm_p_value=p) for result, p in zip(tested, adjusted)]
+
+
 def _format_half(half_width: float) -> str:
     return "n/a" if math.isnan(half_width) else f"{half_width:.3f}"
 
@@ -92,7 +99,7 @@ def _cell(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean * scale:.{digits}f}{spread}"
 
 
-def summary(experiment: Experiment, results: Results) -> dict:
+def summary(experiment: Experiment, results: Results, claims: Sequence[ClaimResult]) -> dict:
     """{'runs': {run: {'task/metric' | 'delta_m': {'mean', 'half_width', 'per_seed'}}}, 'claims': [...]}."""
     runs = {}
     for run in experiment.runs:
@@ -104,15 +111,15 @@ def summary(experiment: Experiment, results: Results) -> dict:
         runs[run.name] = {key: dict(zip(("mean", "half_width"), stats.t_interval(list(values.values()))),
                                     per_seed={str(seed): value for seed, value in values.items()})
                           for key, values in entries.items()}
-    claims = [test_claim(experiment, results, claim) for claim in experiment.claims]
     return {"runs": runs, "claims": [{"statement": result.claim.statement, "better": result.claim.better,
                                       "worse": result.claim.worse, "metric": result.claim.metric,
-                                      "verdict": result.test.verdict, **dataclasses.asdict(result.test)}
+                                      "verdict": result.test.verdict, **dataclasses.asdict(result.test),
+                                      "holm_p_value": result.holm_p_value}
                                      for result in claims]}
 
 
-def markdown(experiment: Experiment, results: Results, *, seeds: Sequence[int], setting: str,
-             wall_seconds: float, figure_files: Sequence[str]) -> str:
+def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimResult], *, seeds: Sequence[int],
+             setting: str, wall_seconds: float, figure_files: Sequence[str]) -> str:
     """The report as Markdown: setting, the interval table, the claim lines, the figures."""
     table_columns = [(task, metric) for task, metric in columns(experiment)]
     header = ["run"] + [f"{task} {metric}{'%' if metric in metrics_lib.FRACTION_METRICS else ''} "
@@ -138,8 +145,10 @@ def markdown(experiment: Experiment, results: Results, *, seeds: Sequence[int], 
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Claims", "",
               "Paired two-sided t-test over seeds of the first run minus the second (signed so that positive is "
-              "better), α = 0.05: **holds** = significantly better, **does not hold** = significantly worse.", ""]
-    lines += [f"- {test_claim(experiment, results, claim).line(experiment)}" for claim in experiment.claims]
+              "better), α = 0.05: **holds** = significantly better, **does not hold** = significantly worse. "
+              "The verdict is per claim; the Holm-adjusted p-value treats the experiment's claims as one family "
+              "(below 0.05 = the verdict survives testing them all).", ""]
+    lines += [f"- {result.line(experiment)}" for result in claims]
     if figure_files:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figure_files]
     return "\n".join(lines) + "\n"
@@ -233,11 +242,12 @@ def write_report(experiment: Experiment, root: str | epath.Path, results: Result
             figure_files.append(FIG5_FILE)
         except figures.AnalysisInputError:
             pass  # no gradient logs (analysis.grad_log_every_steps=0): the report has no Fig. 5
-    record = summary(experiment, results)
+    claims = test_claims(experiment, results)
+    record = summary(experiment, results, claims)
     record.update({"experiment": experiment.name, "seeds": list(seeds), "setting": setting,
                    "wall_seconds": wall_seconds})
     checkpoint_lib._write_text_atomic(root / SUMMARY_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
-    text = markdown(experiment, results, seeds=seeds, setting=setting, wall_seconds=wall_seconds,
+    text = markdown(experiment, results, claims, seeds=seeds, setting=setting, wall_seconds=wall_seconds,
                     figure_files=figure_files)
     checkpoint_lib._write_text_atomic(root / REPORT_FILE, text)
     return [epath.Path(path) for path in written] + [root / SUMMARY_FILE, root / REPORT_FILE]

@@ -54,3 +54,18 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
     else:
         p_value = float(stats.ttest_rel(a, b).pvalue)
     return PairedTest(mean, half_width, p_value, int(differences.size))
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values of a family of tests (NaN = not tested, left out of the family).
+
+    The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) p_(j)): rejecting where the
+    adjusted value is below α keeps the chance of any false "holds" in the family at most α.
+    """
+    tested = sorted((p, index) for index, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[index] = running
+    return adjusted

@@ -67,6 +67,12 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
                               height=192, width=256, num_train=2000, num_test=500),
         SyntheticScenesConfig(name="demo", description="96x128, 1000 train / 200 test (the built-in demo).",
                               height=96, width=128, num_train=1000, num_test=200),
+        SyntheticScenesConfig(name="demo_large_test", description="96x128, `demo`'s 1000 train scenes and 1000 "
+                              "test scenes (the first 200 are `demo`'s): a 5x test set for tighter comparisons.",
+                              height=96, width=128, num_train=1000, num_test=1000),
+        SyntheticScenesConfig(name="demo_pretrain", description="96x128, 2000 train / 200 test from another seed: "
+                              "scenes disjoint from `demo`'s, to pretrain a shared encoder start on.",
+                              height=96, width=128, num_train=2000, num_test=200, seed=1),
         SyntheticScenesConfig(name="tiny", description="48x64, 24 train / 8 test (tests, smoke runs).",
                               height=48, width=64, num_train=24, num_test=8),
     ]

@@ -393,8 +393,8 @@ def load_init_variables(path: str, scope: str) -> dict:
 
 
 def init_source(path: str, scope: str, what: str = "config.init_from.path") -> str:
-    """What `init_from.path` (or the config key `what`) is, checked without reading weights: INFERENCE_DIR (an exported `main`) or
-    CHECKPOINT_DIR (a workdir with at least one checkpoint); anything else is one UserError."""
+    """What `init_from.path` (or the config key `what`) is, checked without reading weights: INFERENCE_DIR (an
+    exported `main`) or CHECKPOINT_DIR (a workdir with at least one checkpoint); anything else is one UserError."""
     if scope not in INIT_SCOPES:
         raise UserError(f"config.init_from.scope={scope!r}; expected one of {', '.join(INIT_SCOPES)}.")
     root = epath.Path(path)

@@ -159,14 +159,23 @@ def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
     return state, tx
 
 
+def encoder_start(config) -> str | None:
+    """What `model.encoder_init` starts the encoder from: None (random init), 'run' (a run of ours: its workdir
+    or inference export) or 'file' (an ImageNet weight file)."""
+    encoder_init = config.model.get("encoder_init")
+    if not encoder_init or encoder_init == SCRATCH:
+        return None
+    return "run" if epath.Path(encoder_init).is_dir() else "file"
+
+
 def _load_initialisations(config, params: dict, batch_stats: dict) -> tuple[dict, dict, dict]:
     """Merges `model.encoder_init` and `init_from` into fresh variables; returns them and the params tree that
     `init_from` loaded (empty without it)."""
     encoder_init = config.model.encoder_init
-    if encoder_init and encoder_init != SCRATCH and epath.Path(encoder_init).is_dir():
+    if encoder_start(config) == "run":
         loaded = checkpoint_lib.load_init_variables(encoder_init, "encoder")
         params, batch_stats = _merge_loaded(params, batch_stats, loaded, f"config.model.encoder_init={encoder_init!r}")
-    elif encoder_init and encoder_init != SCRATCH:
+    elif encoder_start(config) == "file":
         from auxmtl_jax import pretrained
 
         with errors.about("config.model.encoder_init"):
@@ -419,9 +428,9 @@ def check_input_files(config) -> None:
     prepared; the weights are checked against the model's shapes by `check_initialisations`."""
     reference_results(config)
     encoder_init = config.model.get("encoder_init")
-    if encoder_init and encoder_init != SCRATCH and epath.Path(encoder_init).is_dir():
+    if encoder_start(config) == "run":
         checkpoint_lib.init_source(encoder_init, "encoder", what="config.model.encoder_init")
-    elif encoder_init and encoder_init != SCRATCH:
+    elif encoder_start(config) == "file":
         from auxmtl_jax import pretrained
 
         with errors.about("config.model.encoder_init"):
@@ -439,7 +448,7 @@ def check_input_files(config) -> None:
 def check_initialisations(config, model: MultiTaskModel) -> None:
     """Loads `model.encoder_init` and `init_from` onto the model's variable shapes (no initialiser runs), so a
     file that does not fit stops the run before it writes anything."""
-    if not (config.init_from.path or (config.model.encoder_init and config.model.encoder_init != SCRATCH)):
+    if not (config.init_from.path or encoder_start(config)):
         return
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, INIT_IMAGE_SIZE, INIT_IMAGE_SIZE, 3), jnp.float32))

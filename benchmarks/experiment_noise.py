@@ -37,8 +37,8 @@ def fresh_test_sets(dataset_config: str, num_sets: int, scenes: int) -> list[dic
     return sets
 
 
-def evaluate(model_dir: epath.Path, test_set: dict[str, np.ndarray], batch: int = 50) -> dict:
-    predictor = inference.Predictor.load(model_dir)
+def evaluate(predictor: inference.Predictor, test_set: dict[str, np.ndarray], batch: int = 50) -> dict:
+    """Test metrics of an exported model on one rendered set (segmentation scored from its logits)."""
     predict = inference._predict_fn(predictor.model)
     state = metrics_lib.init_state(predictor.tasks, predictor.num_classes)
     for start in range(0, len(test_set["image"]), batch):
@@ -74,8 +74,10 @@ def main() -> None:
     print(f"Δm% of {run_b} against {run_a} of the same seed, on {args.test_sets} fresh sets of {args.scenes} scenes")
     per_seed = {}
     for seed in seeds:
-        results = {run: [evaluate(runner.run_workdir(root, run, seed) / "inference", test_set)
-                         for test_set in test_sets] for run in (run_a, run_b)}
+        predictors = {run: inference.Predictor.load(runner.run_workdir(root, run, seed) / "inference")
+                      for run in (run_a, run_b)}
+        results = {run: [evaluate(predictor, test_set) for test_set in test_sets]
+                   for run, predictor in predictors.items()}
         per_seed[seed] = [metrics_lib.delta_m(b, a) for a, b in zip(results[run_a], results[run_b])]
         stored = [json.loads((runner.run_workdir(root, run, seed) / "results.json").read_text())["metrics"]
                   for run in (run_a, run_b)]

@@ -35,8 +35,9 @@ def setting_line(experiment: Experiment, size: str, dataset: str, overrides: Seq
 
 
 def _encoder_start(config) -> str:
-    start = config.model.encoder_init
-    return "from scratch" if not start or start == train.SCRATCH else f"starting from the encoder of {start}"
+    if train.encoder_start(config) is None:
+        return "from scratch"
+    return f"starting from the encoder of {config.model.encoder_init}"
 
 
 def run_and_report(experiment: str | Experiment, workdir: str, *, seeds: int | Sequence[int] | None = None,

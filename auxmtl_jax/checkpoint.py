@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
+from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax.errors import MissingInputError, UserError
 
 CONFIG_FILE = "config.json"
@@ -236,8 +237,10 @@ class Checkpointer:
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), **{DATA_ITEM: ProcessLocalJsonRestore()}))
+            try:
+                restored = self._restore_items(step, abstract)
+            except ValueError as mismatch:
+                restored = self._restore_without_empty_fields(step, abstract, target_state, mismatch)
         except Exception as error:  # noqa: BLE001  (orbax/tensorstore raise many types on unreadable files)
             if mismatch_is_damage:
                 raise _DamagedCheckpoint(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
@@ -247,6 +250,24 @@ class Checkpointer:
                              f"state or process count ({error}). Use a fresh --workdir for a different "
                              "setup.") from error
         return restored["state"], restored[DATA_ITEM]
+
+    def _restore_items(self, step: int, abstract_state: Any) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), **{DATA_ITEM: ProcessLocalJsonRestore()}))
+
+    def _restore_without_empty_fields(self, step: int, abstract: Any, target_state: Any,
+                                      mismatch: ValueError) -> dict:
+        """A checkpoint written before the state gained a field that holds no arrays here (such as an empty
+        `weighting_state`): restores the other fields and keeps the target's value of the new one."""
+        if not dataclasses.is_dataclass(target_state):
+            raise mismatch
+        fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(target_state)}
+        empty = [name for name, value in fields.items() if not jax.tree.leaves(value)]
+        if not empty:
+            raise mismatch
+        restored = self._restore_items(step, {name: value for name, value in fields.items() if name not in empty})
+        restored_state = restored["state"]
+        return {"state": target_state.replace(**restored_state), DATA_ITEM: restored[DATA_ITEM]}
 
     def wait(self) -> None:
         self.record_committed(wait=True)
@@ -345,6 +366,8 @@ def _refusal_message(workdir: epath.Path, differing: list[tuple[str, Any, Any]],
 # them: a workdir whose config.json lacks such a key resumes when the key has that value.
 ADDED_KEYS = {"init_from.base_lr_scale": 1.0, "optimizer.schedule": "poly", "model.pretrained_required": False,
               "search.devices": 0}
+ADDED_KEYS.update({f"weighting.{key}": value
+                   for key, value in flatten_config(weighting_lib.DEFAULT_OPTIONS).items()})
 
 
 def _differing_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:

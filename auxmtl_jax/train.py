@@ -50,12 +50,14 @@ class NonFiniteError(UserError, FloatingPointError):
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a step changes: step counter, parameters, BatchNorm statistics and optimiser state."""
+    """Everything a step changes: step counter, parameters, BatchNorm statistics, optimiser state and the loss
+    weighting's own state (DWA's loss history, GradNorm's weights, FAMO's logits; empty for most)."""
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    weighting_state: Any = flax.struct.field(default_factory=dict)
 
 
 LR_SCHEDULES = ("poly", "constant")
@@ -149,14 +151,22 @@ def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
     params, batch_stats, loaded = _load_initialisations(config, params, batch_stats)
-    weighting = weighting_lib.get_weighting(config.loss_weighting)
-    loss_weighting_params = weighting.init(tuple(config.tasks))
+    # The weighting's parameters and state do not depend on DWA's period, so any period builds them.
+    weighting = weighting_lib.from_config(config, steps_per_epoch=1)
+    names = weighting_lib.state_names(config, model.aux_tasks)
+    loss_weighting_params = weighting.init(names)
     if loss_weighting_params:
         params["loss_weighting"] = loss_weighting_params
     tx = create_optimizer(config, learning_rate_fn, params, loaded)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params))
+                       opt_state=tx.init(params), weighting_state=weighting.init_state(names))
     return state, tx
+
+
+def run_weighting(config, dataset: input_pipeline.DatasetInfo) -> weighting_lib.LossWeighting:
+    """The run's weighting, with DWA's default period (one epoch) taken from the training split's size."""
+    train_examples = dataset.splits.get(config.dataset.train_split, 0)
+    return weighting_lib.from_config(config, steps_per_epoch=max(1, train_examples // config.batch_size))
 
 
 def encoder_start(config) -> str | None:
@@ -205,13 +215,14 @@ def _merge_loaded(params: dict, batch_stats: dict, loaded: dict, where: str) -> 
 
 
 def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
-               genotype: jax.Array | None = None) -> tuple[dict, dict]:
+               genotype: jax.Array | None = None, perturbations: Any = None) -> tuple[dict, dict]:
     """Named loss terms of one batch (`loss/<task>`, weighted `aux_loss/<task>`, `ds_loss/<task>`) and new BN stats.
 
-    `genotype` is the int array a searchable Auxi-NAS model takes (None otherwise).
+    `genotype` is the int array a searchable Auxi-NAS model takes (None otherwise); `perturbations` are added to
+    the shared representation (`MultiTaskModel.representation_zeros`, for MGDA-UB).
     """
     outputs, new_batch_stats = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                           train=True, genotype=genotype)
+                                           train=True, genotype=genotype, perturbations=perturbations)
     terms = {f"loss/{task}": tasks_lib.task_loss(task, prediction, batch)
              for task, prediction in outputs.main.items()}
     for task, prediction in outputs.aux.items():
@@ -223,24 +234,37 @@ def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
 
 
 def train_step(state: TrainState, batch, genotype: jax.Array | None = None, *, model: MultiTaskModel, config,
-               tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
+               weighting: weighting_lib.LossWeighting | None = None) -> tuple[TrainState, dict]:
     """One SGD step on a global batch; returns the new state and the step's scalar metrics.
 
     `genotype`: the int array of a searchable Auxi-NAS model (the search trains many genotypes with one step).
+    `weighting`: the run's (`run_weighting`); built from the config when None.
     """
-    weighting = weighting_lib.get_weighting(config.loss_weighting)
+    weighting = weighting or weighting_lib.from_config(config)
 
-    def terms_fn(params):
-        return loss_terms(model, config, params, state.batch_stats, batch, genotype)
+    def terms_fn(params, perturbations=None):
+        return loss_terms(model, config, params, state.batch_stats, batch, genotype, perturbations)
 
-    (total, (terms, new_batch_stats)), grads = weighting.value_and_grad(terms_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    def representation_zeros(params):
+        return model.representation_zeros(params["main"], batch["image"])
+
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)  # RLW's draw, PCGrad's order
+    weighted = weighting.value_and_grad(terms_fn, representation_zeros)(state.params, state.weighting_state, rng)
+    updates, opt_state = tx.update(weighted.grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = {"loss/total": total, **terms, "lr": learning_rate_fn(state.step)}
+    weighting_state = weighted.state
+    if weighting.after_update is not None:
+        terms_after, _ = terms_fn(params)
+        weighting_state = weighting.after_update(weighting_state, jnp.stack(
+            [terms_after[key] for key in weighted.terms if weighting_lib.term_name(key) in weighted.weights]))
+    step_metrics = {"loss/total": weighted.total, **weighted.terms, "lr": learning_rate_fn(state.step)}
+    for name, weight in weighted.weights.items():
+        step_metrics[f"weight/{name}"] = weight
     for task, log_var in state.params.get("loss_weighting", {}).get("log_var", {}).items():
         step_metrics[f"log_var/{task}"] = log_var
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=weighted.aux,
+                              opt_state=opt_state, weighting_state=weighting_state)
     return new_state, step_metrics
 
 
@@ -248,15 +272,11 @@ def gradient_statistics(state: TrainState, batch, coordinates, *, model: MultiTa
     """Fig. 5 statistics: mean |grad| of sampled encoder weights, in total and split into main and aux parts."""
     from auxmtl_jax.analysis import gradients
 
-    weighting = weighting_lib.get_weighting(config.loss_weighting)
-    combine = weighting_lib.kendall_combine if weighting.name == "kendall" else weighting_lib.equal_combine
-
     def loss_parts(encoder_params):
         params = dict(state.params)
         params["main"] = {**params["main"], "encoder": encoder_params}
         terms, _ = loss_terms(model, config, params, state.batch_stats, batch)
-        main_terms = {key: value for key, value in terms.items() if key.startswith(weighting_lib.MAIN_PREFIX)}
-        main_loss = combine(params.get("loss_weighting", {}), main_terms)
+        main_loss = weighting_lib.fig5_main_loss(params.get("loss_weighting", {}), terms, config.loss_weighting)
         return main_loss, weighting_lib.other_terms_sum(terms)
 
     return gradients.gradient_log_entries(loss_parts, state.params, coordinates)
@@ -415,7 +435,7 @@ def validate_config(config) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UserError(f"config.init_from.{key}={value!r}; expected a number > 0.")
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
-    weighting_lib.get_weighting(config.loss_weighting)
+    weighting_lib.from_config(config, steps_per_epoch=1)
     checkpoint_lib.parse_accepted_keys(config.get("accept_changed_keys"),
                                        checkpoint_lib.flatten_config(json.loads(checkpoint_lib.config_to_json(config))))
     if not config.tasks:
@@ -516,11 +536,12 @@ def _write_sweep_figures(config, workdir: epath.Path, run_workdirs: Mapping[str,
         log.info("wrote %s", path)
 
 
-def _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding):
+def _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding, weighting):
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated_sharding(mesh)
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, config=config, tx=tx, learning_rate_fn=learning_rate_fn),
+        functools.partial(train_step, model=model, config=config, tx=tx, learning_rate_fn=learning_rate_fn,
+                          weighting=weighting),
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
         donate_argnums=0)
     grad_fn = jax.jit(functools.partial(gradient_statistics, model=model, config=config),
@@ -594,7 +615,8 @@ def train_single(config: ml_collections.ConfigDict, workdir: epath.Path, checked
         if start_step == 0 and jax.process_index() == 0:
             log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
 
-        step_fn, grad_fn = _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding)
+        step_fn, grad_fn = _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding,
+                                           run_weighting(config, dataset))
         evaluator = Evaluator(config, model, dataset, mesh)
         coordinates = _gradient_coordinates(config, state)
         loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter)

@@ -1,6 +1,6 @@
-r"""Train-step cost of a config's network under several strategies, on random data.
+r"""Train-step cost of a config's network under several strategies and loss weightings, on random data.
 
-For each strategy: train-state creation time (jitted init), compile time, XLA's FLOP count per step, and step
+For each strategy (x weighting): train-state creation time (jitted init), compile time, XLA's FLOP count per step, and step
 time / images/s. Steps are timed in interleaved blocks (strategy A, B, A, B, ...) and the median block is
 reported, so the ratios hold on a noisy shared machine. No dataset is needed.
 
@@ -11,6 +11,8 @@ reported, so the ratios hold on a noisy shared machine. No dataset is needed.
   python benchmarks/train_step.py --config=configs/sunrgbd_three_task.py --config.aux.resolution=finest
   # a quick look on a laptop
   python benchmarks/train_step.py --config=configs/synthetic_three_task.py --blocks=3
+  # the cost of each loss weighting / gradient treatment at the demo size, Joint and Auxi-all (README table)
+  python benchmarks/train_step.py --config=configs/synthetic_three_task.py --weightings=all
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from ml_collections import config_flags
 
 from auxmtl_configs import common
 from auxmtl_jax import parallel, train
+from auxmtl_jax import weighting as weighting_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with optional ':variant'.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["joint", "auxi_all"], "Strategies to compare (config variants).")
+_WEIGHTINGS = flags.DEFINE_list("weightings", ["equal"], "Loss weightings to run each strategy with "
+                                "(config.loss_weighting values, or 'all'); times are relative to the first run.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 13, "Segmentation classes of the benchmarked head.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Steps per timed block.")
 _BLOCKS = flags.DEFINE_integer("blocks", 3, "Timed blocks per strategy (interleaved).")
@@ -61,16 +66,21 @@ class Prepared(NamedTuple):
     flops: float
 
 
-def prepare(config, strategy: str, num_classes: int) -> Prepared:
-    """Creates the train state and compiles the real training step (`train.train_step`) for one strategy."""
+def prepare(config, strategy: str, num_classes: int, weighting: str = "equal") -> Prepared:
+    """Creates the train state and compiles the real training step (`train.train_step`) for one strategy and
+    loss weighting."""
     config = common.apply_strategy(copy.deepcopy(config), strategy)
+    config.loss_weighting = weighting
     model = train.create_model(config, num_classes)
     mesh = parallel.create_mesh(config.get("num_devices"))
     start = time.perf_counter()
     state, state_sharding, tx, lr_fn = train.create_sharded_train_state(config, model, mesh)
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - start
-    step_fn = jax.jit(functools.partial(train.train_step, model=model, config=config, tx=tx, learning_rate_fn=lr_fn),
+    # DWA's period (one epoch by default) does not change the step's cost.
+    step = functools.partial(train.train_step, model=model, config=config, tx=tx, learning_rate_fn=lr_fn,
+                             weighting=weighting_lib.from_config(config, steps_per_epoch=100))
+    step_fn = jax.jit(step,
                       in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                       out_shardings=(state_sharding, parallel.replicated_sharding(mesh)), donate_argnums=0)
     batch = parallel.global_batch(random_batch(config, num_classes, np.random.default_rng(0)), mesh)
@@ -81,7 +91,8 @@ def prepare(config, strategy: str, num_classes: int) -> Prepared:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
-    return Prepared(strategy, compiled, state, batch, init_seconds, compile_seconds, float(cost.get("flops", np.nan)))
+    name = strategy if weighting == "equal" and len(_WEIGHTINGS.value) == 1 else f"{strategy} / {weighting}"
+    return Prepared(name, compiled, state, batch, init_seconds, compile_seconds, float(cost.get("flops", np.nan)))
 
 
 def time_block(prepared: Prepared, steps: int) -> tuple[Prepared, float]:
@@ -97,7 +108,9 @@ def time_block(prepared: Prepared, steps: int) -> tuple[Prepared, float]:
 def main(argv):
     del argv
     config = _CONFIG.value
-    runs = [prepare(config, strategy, _NUM_CLASSES.value) for strategy in _STRATEGIES.value]
+    weightings = list(weighting_lib.WEIGHTINGS) if _WEIGHTINGS.value == ["all"] else _WEIGHTINGS.value
+    runs = [prepare(config, strategy, _NUM_CLASSES.value, weighting)
+            for strategy in _STRATEGIES.value for weighting in weightings]
     seconds = {run.name: [] for run in runs}
     for _ in range(_BLOCKS.value):
         for index, run in enumerate(runs):
@@ -110,15 +123,16 @@ def main(argv):
           f"dtype={config.model.dtype} aux.resolution={config.aux.resolution}  "
           f"batch {config.batch_size} x {tuple(config.input.crop_size)}  "
           f"{_BLOCKS.value} blocks of {_STEPS.value} steps")
-    print("| strategy | init s | compile s | GFLOP/step | FLOPs vs first | step ms | images/s | time vs first |")
+    per_strategy = len(weightings) > 1
+    against = f"time vs {weightings[0]}" if per_strategy else "time vs first"
+    print(f"| run | init s | compile s | GFLOP/step | FLOPs vs first | step ms | images/s | {against} |")
     print("|---|---|---|---|---|---|---|---|")
-    first_step = statistics.median(seconds[first.name])
-    for run in runs:
+    for index, run in enumerate(runs):
+        reference = runs[index - index % len(weightings)] if per_strategy else first
         step = statistics.median(seconds[run.name])
         print(f"| {run.name} | {run.init_seconds:.1f} | {run.compile_seconds:.1f} | {run.flops / 1e9:.1f} | "
               f"{run.flops / first.flops:.3f}x | {1000 * step:.0f} | {config.batch_size / step:.1f} | "
-              f"{step / first_step:.3f}x |")
-
+              f"{step / statistics.median(seconds[reference.name]):.2f}x |")
 
 if __name__ == "__main__":
     app.run(main)

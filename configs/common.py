@@ -18,6 +18,9 @@ Strategies are settings of orthogonal fields, never separate code paths:
 | `auxi_all`          | `aux.tasks = tasks`                                               |
 | `auxi_nas:<file>`   | `aux.genotype = file` (a genotype JSON; it sets the aux tasks and stages) |
 
+The variant key `weighting=<method>` sets `loss_weighting` after the strategy, so any strategy trains under any
+weighting or gradient treatment of `auxmtl_jax.weighting` (`strategy=auxi_all,weighting=pcgrad`).
+
 The variant key `prior=<workdir>` adds the Prior initialisation (and lr / 10) to any strategy: the paper's AT_2
 is `strategy=auxi:depth,prior=<segmentation run>`.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from auxmtl_jax import weighting
 from auxmtl_jax.errors import UserError
 
 TASK_NAMES = ("segmentation", "depth", "normal")
@@ -47,6 +51,7 @@ VARIANT_KEYS = {
     "steps": "num_train_steps",
     "batch": "batch_size",
     "seed": "seed",
+    "weighting": "loss_weighting",
 }
 
 
@@ -106,7 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.deep_supervision.tasks = ()
     config.deep_supervision.weight = 0.1
 
+    # A method of auxmtl_jax.weighting (equal, kendall, dwa, rlw, famo, gradnorm, mgda, pcgrad, cagrad, imtl_g,
+    # aligned_mtl, nash_mtl); config.weighting holds every method's hyper-parameters and aux_as_tasks.
     config.loss_weighting = "equal"
+    config.weighting = weighting.default_options()
 
     config.init_from = ml_collections.ConfigDict()
     config.init_from.path = ml_collections.config_dict.placeholder(str)

@@ -77,6 +77,16 @@ def test_every_run_of_every_experiment_builds_a_valid_config(name, tmp_path):
     assert set(experiment.fig5) <= {run.name for run in experiment.runs}
 
 
+def test_the_weightings_experiment_pairs_joint_and_auxi_all_under_each_weighting(tmp_path):
+    experiment = EXPERIMENTS["weightings"]
+    base = runner.base_config(experiment, size="cpu", dataset="synthetic_scenes")
+    configs = {run.name: runner.run_config(experiment, run, 0, base, tmp_path) for run in experiment.runs}
+    for weighting in ("equal", "dwa", "pcgrad", "cagrad", "nash_mtl", "famo"):
+        joint, auxi = configs[f"joint_{weighting}"], configs[f"auxi_all_{weighting}"]
+        assert joint.loss_weighting == auxi.loss_weighting == weighting
+        assert joint.aux.tasks == () and auxi.aux.tasks == tuple(auxi.tasks) == ("segmentation", "depth", "normal")
+
+
 def test_set_overrides_apply_after_each_runs_strategy(tmp_path):
     # A strategy resets the fields it owns (loss weighting, aux modules, init_from); `--set` must still win, as
     # `--config.KEY=VALUE` does after a run.py variant.

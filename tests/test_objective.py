@@ -28,7 +28,8 @@ def test_equal_weighting_total_and_gradient():
     weighting = weighting_lib.get_weighting("equal")
     params = {"w": jnp.asarray(2.0)}
     assert weighting.init(("a", "b")) == {}
-    (total, (terms, _)), grads = weighting.value_and_grad(loss_terms_fn)(params)
+    total, terms, _, grads, _, weights = weighting.value_and_grad(loss_terms_fn)(params, {}, jax.random.key(0))
+    assert {name: float(weight) for name, weight in weights.items()} == {"a": 1.0, "b": 1.0}
     assert float(total) == pytest.approx(4.0 + 6.0 + 1.0)
     assert float(grads["w"]) == pytest.approx(2 * 2.0 + 3.0 + 0.5)
     assert set(terms) == {"loss/a", "loss/b", "aux_loss/a"}
@@ -38,7 +39,8 @@ def test_kendall_weighting_total_and_gradients():
     weighting = weighting_lib.get_weighting("kendall")
     params = {"w": jnp.asarray(2.0), "loss_weighting": weighting.init(("a", "b"))}
     params["loss_weighting"]["log_var"] = {"a": jnp.asarray(0.1), "b": jnp.asarray(-0.2)}
-    (total, _), grads = weighting.value_and_grad(loss_terms_fn)(params)
+    result = weighting.value_and_grad(loss_terms_fn)(params, {}, jax.random.key(0))
+    total, grads = result.total, result.grads
     loss_a, loss_b, aux = 4.0, 6.0, 1.0
     expected = (0.5 * math.exp(-0.1) * loss_a + 0.05) + (0.5 * math.exp(0.2) * loss_b - 0.1) + aux
     assert float(total) == pytest.approx(expected, rel=1e-6)

@@ -189,8 +189,13 @@ def test_a_workdir_saved_before_a_config_key_existed_resumes_with_its_old_behavi
     path = tmp_path / checkpoint_lib.CONFIG_FILE
     saved = json.loads(path.read_text())
     for key in checkpoint_lib.ADDED_KEYS:
-        group, _, leaf = key.partition(".")
-        saved.get(group, {}).pop(leaf, None)
+        *groups, leaf = key.split(".")
+        node = saved
+        for group in groups:
+            node = node.get(group, {})
+        node.pop(leaf, None)
+    # nested keys (weighting.dwa.temperature) are removed too
+    assert not [key for key in checkpoint_lib.flatten_config(saved) if key.startswith("weighting.")]
     path.write_text(json.dumps(saved))
     checkpoint_lib.check_workdir_config(tmp_path, config, resume_step=4)
     path.write_text(json.dumps(saved))

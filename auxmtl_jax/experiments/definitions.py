@@ -164,6 +164,28 @@ def _three_tasks() -> Experiment:
                       fig5=("joint", "auxi_all"))
 
 
+WEIGHTING_LABELS = {"equal": "equal", "dwa": "DWA", "pcgrad": "PCGrad", "cagrad": "CAGrad", "nash_mtl": "Nash-MTL",
+                    "famo": "FAMO"}
+
+
+def _weightings() -> Experiment:
+    """Beyond the paper: do aux modules still help under the modern weightings and gradient treatments?"""
+    decoder = "decoder=baseline"
+    runs = list(_single_runs(THREE_TASKS, "baseline"))
+    claims = []
+    for weighting, label in WEIGHTING_LABELS.items():
+        joint = Run(f"joint_{weighting}", f"strategy=joint,weighting={weighting},{decoder}", f"Joint, {label}")
+        auxi = Run(f"auxi_all_{weighting}", f"strategy=auxi_all,weighting={weighting},{decoder}",
+                   f"Auxi-all, {label}")
+        runs += [joint, auxi]
+        claims.append(Claim(auxi.name, joint.name, f"Auxi-all beats Joint under {label}"))
+    claims += [Claim(f"joint_{weighting}", "joint_equal", f"Joint under {label} beats Joint under equal weighting")
+               for weighting, label in WEIGHTING_LABELS.items() if weighting != "equal"]
+    return Experiment("weightings", "beyond the paper (issue: weightings)", THREE_TASKS, tuple(runs), tuple(claims),
+                      singles={"segmentation": "single_seg", "depth": "single_depth", "normal": "single_normal"},
+                      fig5=("joint_equal", "auxi_all_equal"))
+
+
 def variants_experiment(variants: Mapping[str, str], tasks: tuple[str, ...] = THREE_TASKS) -> Experiment:
     """An ad-hoc experiment of config variants {name: variant}: Δm% and the claims are against the first one."""
     if len(variants) < 2:
@@ -177,4 +199,4 @@ def variants_experiment(variants: Mapping[str, str], tasks: tuple[str, ...] = TH
 
 
 EXPERIMENTS = {experiment.name: experiment.check()
-               for experiment in (_strategies(), _decoders(), _aux_architectures(), _three_tasks())}
+               for experiment in (_strategies(), _decoders(), _aux_architectures(), _three_tasks(), _weightings())}

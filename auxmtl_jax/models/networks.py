@@ -70,6 +70,7 @@ class MultiTaskNet(nn.Module):
         height, width = images.shape[1], images.shape[2]
         stages = encoder_module(self.encoder, width_multiplier=self.width_multiplier,
                                 output_stride=self.output_stride, dtype=self.dtype)(images, train)
+        stages = self._shared_representation(stages)
         if self.decoder == "ushape":
             raw = {task: UShapeDecoder(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
                 stages, train) for task, channels in self.tasks}
@@ -85,6 +86,14 @@ class MultiTaskNet(nn.Module):
             raw = {task: PredictionHead(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
                 shared, train) for task, channels in self.tasks}
         return {task: to_task_output(task, raw[task], height, width) for task, _ in self.tasks}
+
+    def _shared_representation(self, stages: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The encoder stages the decoders read (all for U-shape, the deepest otherwise), each passed through
+        `perturb`: applying with a `perturbations` collection gives the losses' gradients with respect to the
+        shared representation (MGDA-UB); without it this is the identity."""
+        consumed = tuple(stages) if self.decoder == "ushape" else tuple(stages)[-1:]
+        return {name: self.perturb(f"representation_{name}", value) if name in consumed else value
+                for name, value in stages.items()}
 
 
 class ModelOutputs(NamedTuple):
@@ -174,18 +183,22 @@ class MultiTaskModel:
         return {"params": params, "batch_stats": batch_stats}
 
     def apply(self, variables: Mapping[str, Any], images: jax.Array, *, train: bool,
-              genotype: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
+              genotype: jax.Array | None = None, perturbations: Any = None) -> tuple[ModelOutputs, dict[str, Any]]:
         """Forward main + aux + deep supervision; returns outputs and batch_stats shaped like the input's.
 
         ``genotype``: the int array [T, n, 5] a searchable aux build needs (and any other build refuses).
+        ``perturbations``: added to the shared representation the decoders read (``representation_zeros``); their
+        gradient is the losses' gradient with respect to it.
         """
         if (genotype is not None) != self.aux_searchable:
             raise ValueError("model.apply: pass genotype=<int array [T, n, 5]> exactly when the aux cells are "
                              f"searchable (aux.genotype is a CellSpace); searchable={self.aux_searchable}")
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        main_outputs, main_state = self.main.apply(
-            _module_variables(params["main"], batch_stats.get("main")), images, train=train,
-            mutable=["batch_stats", "intermediates"])
+        main_variables = _module_variables(params["main"], batch_stats.get("main"))
+        if perturbations is not None:
+            main_variables["perturbations"] = perturbations
+        main_outputs, main_state = self.main.apply(main_variables, images, train=train,
+                                                   mutable=["batch_stats", "intermediates"])
         stages = main_state["intermediates"]["encoder"]
         new_batch_stats = {"main": main_state["batch_stats"]} if "main" in batch_stats else {}
         output_size = (images.shape[1], images.shape[2])
@@ -222,6 +235,16 @@ class MultiTaskModel:
                 raise ValueError(f"model.apply: genotype array of shape {tokens.shape}; this space needs {shape}")
             tokens = tokens[index]
         return {"earlier_cells": tuple(cells_so_far), "tokens": tokens}
+
+    def representation_zeros(self, main_params: Any, images: jax.Array) -> Any:
+        """Zeros shaped like the shared representation of a batch of `images` (for ``apply(perturbations=...)``);
+        shapes only, nothing is computed."""
+        def perturbations():
+            _, state = self.main.apply({"params": main_params}, images, train=False,
+                                       mutable=["batch_stats", "intermediates", "perturbations"])
+            return state["perturbations"]
+
+        return jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype), jax.eval_shape(perturbations))
 
     def predict(self, main_variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
         """Inference: ``main`` alone in eval mode, from ``{'params': P['main'], 'batch_stats': S['main']}``."""

@@ -1,0 +1,152 @@
+"""Gradient treatments: each maps the Gram matrix of the tasks' shared gradients to the coefficients c of the
+shared update Σ_t c_t·g_t (`core.gradient_treatment`). Decoders keep their own task's plain gradient.
+
+Each coefficient function is pure and works on any T×T Gram matrix, so it is checked on tiny vectors by hand.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from auxmtl_jax.weighting import core, solvers
+
+MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+CAGRAD_RESCALES = (0, 1, 2)
+_EPS = 1e-8
+
+
+def gradient_norms(gram: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+
+
+def mgda_coefficients(gram: jax.Array, losses: jax.Array, normalization: str = "none") -> jax.Array:
+    """MGDA (Sener & Koltun 2018): the min-norm point of the convex hull of the (normalised) task gradients.
+
+    `normalization` divides g_t by 1 ('none'), ‖g_t‖ ('l2'), L_t ('loss') or L_t·‖g_t‖ ('loss+'); the update is
+    the min-norm combination of the normalised gradients.
+    """
+    scale = {"none": jnp.ones_like(losses), "l2": gradient_norms(gram), "loss": losses,
+             "loss+": losses * gradient_norms(gram)}[normalization]
+    scale = jnp.maximum(scale, _EPS)
+    weights = solvers.min_norm_weights(gram / jnp.outer(scale, scale))
+    return weights / scale
+
+
+def pcgrad_coefficients(gram: jax.Array, rng: jax.Array) -> jax.Array:
+    """PCGrad (Yu et al. 2020): each g_i, in turn against every other g_j in a random order, loses its component
+    along g_j when the two conflict (g_i·g_j < 0); the update is the sum of the projected gradients.
+
+    A projected gradient stays a combination of the originals, A_i·G, so the projections need only the Gram matrix.
+    """
+    num_tasks = gram.shape[0]
+    combinations = jnp.eye(num_tasks, dtype=gram.dtype)
+    for i in range(num_tasks):
+        order = jax.random.permutation(jax.random.fold_in(rng, i), num_tasks)
+        row = combinations[i]
+        for position in range(num_tasks):
+            j = order[position]
+            dot = row @ gram[:, j]
+            conflict = (j != i) & (dot < 0) & (gram[j, j] > 0)
+            row = row - jnp.where(conflict, dot / jnp.where(gram[j, j] > 0, gram[j, j], 1.0), 0.0) * jax.nn.one_hot(
+                j, num_tasks, dtype=gram.dtype)
+        combinations = combinations.at[i].set(row)
+    return jnp.sum(combinations, axis=0)
+
+
+def cagrad_coefficients(gram: jax.Array, c: float = 0.4, rescale: int = 1) -> jax.Array:
+    """CAGrad (Liu et al. 2021): d = g0 + (√φ/‖g_w‖)·g_w with g0 the mean gradient, φ = c²‖g0‖² and w the simplex
+    weights minimising g_wᵀg0 + √φ‖g_w‖; then divided by 1 (rescale 0), 1 + c² (1, the paper's default) or 1 + c (2).
+    """
+    num_tasks = gram.shape[0]
+    mean = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
+    radius = c * jnp.sqrt(jnp.mean(gram) + _EPS)
+
+    def objective(w):
+        return w @ gram @ mean + radius * jnp.sqrt(w @ gram @ w + _EPS)
+
+    w = solvers.minimise_on_simplex(objective, num_tasks)
+    coefficients = mean + radius / (jnp.sqrt(w @ gram @ w) + _EPS) * w
+    return coefficients / {0: 1.0, 1: 1.0 + c ** 2, 2: 1.0 + c}[rescale]
+
+
+def imtl_g_coefficients(gram: jax.Array) -> jax.Array:
+    """IMTL-G (Liu et al. 2021): the combination Σα_t g_t with Σα_t = 1 whose projections on every unit task
+    gradient u_t are equal: α_{2:T} = g_1·Uᵀ(D·Uᵀ)⁻¹ with D rows g_1 − g_t and U rows u_1 − u_t."""
+    num_tasks = gram.shape[0]
+    if num_tasks == 1:
+        return jnp.ones((1,), gram.dtype)
+    norms = jnp.maximum(gradient_norms(gram), _EPS)
+    unit_dots = gram / norms[None, :]  # [i, j] = g_i·u_j
+    target = unit_dots[0, 0] - unit_dots[0, 1:]  # g_1·(u_1 − u_j)
+    # (g_1 − g_i)·(u_1 − u_j) for i, j in 2..T
+    system = (unit_dots[0, 0] - unit_dots[0, 1:][None, :] - unit_dots[1:, 0][:, None] + unit_dots[1:, 1:])
+    rest = jnp.linalg.solve(system.T, target)
+    return jnp.concatenate([1.0 - jnp.sum(rest, keepdims=True), rest])
+
+
+def aligned_mtl_coefficients(gram: jax.Array) -> jax.Array:
+    """Aligned-MTL (Senushkin et al. 2023): the task gradients' matrix with all its singular values set to the
+    smallest non-zero one, σ_min·U·Vᵀ, summed over tasks; as coefficients, σ_min·(G·Gᵀ)^(−½)·1 on the gradients'
+    span (eigenvalues below T·ε·λ_max count as zero)."""
+    eigenvalues, vectors = jnp.linalg.eigh(gram)
+    tolerance = jnp.max(eigenvalues) * gram.shape[0] * jnp.finfo(gram.dtype).eps
+    kept = eigenvalues > tolerance
+    inverse_sqrt = jnp.where(kept, 1.0 / jnp.sqrt(jnp.where(kept, eigenvalues, 1.0)), 0.0)
+    smallest = jnp.sqrt(jnp.min(jnp.where(kept, eigenvalues, jnp.inf)))
+    smallest = jnp.where(jnp.any(kept), smallest, 0.0)
+    return smallest * (vectors * inverse_sqrt) @ (vectors.T @ jnp.ones(gram.shape[0], gram.dtype))
+
+
+def nash_mtl_coefficients(gram: jax.Array, max_norm: float = 1.0, iterations: int = 20) -> jax.Array:
+    """Nash-MTL (Navon et al. 2022): α with α_i·(g_i·Σ_j α_j g_j) = 1 for every task (the Nash bargaining
+    solution), the update's norm clipped to `max_norm` (0: no clip) as in the reference code."""
+    alpha = solvers.nash_bargaining_weights(gram, iterations)
+    if max_norm > 0:
+        norm = jnp.sqrt(jnp.maximum(alpha @ gram @ alpha, 0.0))
+        alpha = alpha * jnp.minimum(1.0, max_norm / jnp.maximum(norm, _EPS))
+    return alpha
+
+
+def stateless(name: str, coefficients_fn, *, aux_as_tasks: bool) -> core.LossWeighting:
+    """A treatment whose coefficients depend on the Gram matrix (and the losses and rng) only."""
+    return core.gradient_treatment(name, lambda gram, losses, state, rng: (coefficients_fn(gram, losses, rng), state),
+                                   aux_as_tasks=aux_as_tasks)
+
+
+def mgda(options, aux_as_tasks: bool) -> core.LossWeighting:
+    normalization = options.normalization
+    return stateless("mgda", lambda gram, losses, rng: mgda_coefficients(gram, losses, normalization),
+                     aux_as_tasks=aux_as_tasks)
+
+
+def mgda_ub(options, aux_as_tasks: bool) -> core.LossWeighting:
+    normalization = options.normalization
+    return core.representation_treatment(
+        "mgda_ub", lambda gram, losses, state, rng: (mgda_coefficients(gram, losses, normalization), state),
+        aux_as_tasks=aux_as_tasks)
+
+
+def pcgrad(options, aux_as_tasks: bool) -> core.LossWeighting:
+    return stateless("pcgrad", lambda gram, losses, rng: pcgrad_coefficients(gram, rng), aux_as_tasks=aux_as_tasks)
+
+
+def cagrad(options, aux_as_tasks: bool) -> core.LossWeighting:
+    c, rescale = float(options.c), int(options.rescale)
+    return stateless("cagrad", lambda gram, losses, rng: cagrad_coefficients(gram, c, rescale),
+                     aux_as_tasks=aux_as_tasks)
+
+
+def imtl_g(options, aux_as_tasks: bool) -> core.LossWeighting:
+    return stateless("imtl_g", lambda gram, losses, rng: imtl_g_coefficients(gram), aux_as_tasks=aux_as_tasks)
+
+
+def aligned_mtl(options, aux_as_tasks: bool) -> core.LossWeighting:
+    return stateless("aligned_mtl", lambda gram, losses, rng: aligned_mtl_coefficients(gram),
+                     aux_as_tasks=aux_as_tasks)
+
+
+def nash_mtl(options, aux_as_tasks: bool) -> core.LossWeighting:
+    max_norm, iterations = float(options.max_norm), int(options.iterations)
+    return stateless("nash_mtl", lambda gram, losses, rng: nash_mtl_coefficients(gram, max_norm, iterations),
+                     aux_as_tasks=aux_as_tasks)

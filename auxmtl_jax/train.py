@@ -165,7 +165,7 @@ def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
 
 def run_weighting(config, dataset: input_pipeline.DatasetInfo) -> weighting_lib.LossWeighting:
     """The run's weighting, with DWA's default period (one epoch) taken from the training split's size."""
-    train_examples = dataset.splits.get(config.dataset.train_split, 0)
+    train_examples = dataset.splits[config.dataset.train_split]
     return weighting_lib.from_config(config, steps_per_epoch=max(1, train_examples // config.batch_size))
 
 
@@ -256,8 +256,7 @@ def train_step(state: TrainState, batch, genotype: jax.Array | None = None, *, m
     weighting_state = weighted.state
     if weighting.after_update is not None:
         terms_after, _ = terms_fn(params)
-        weighting_state = weighting.after_update(weighting_state, jnp.stack(
-            [terms_after[key] for key in weighted.terms if weighting_lib.term_name(key) in weighted.weights]))
+        weighting_state = weighting.after_update(weighting_state, terms_after)
     step_metrics = {"loss/total": weighted.total, **weighted.terms, "lr": learning_rate_fn(state.step)}
     for name, weight in weighted.weights.items():
         step_metrics[f"weight/{name}"] = weight

@@ -32,7 +32,6 @@ def weighting_config(data_dir, method, with_aux):
     config.model.decoder = "baseline"
     config.input.crop_size = config.input.eval_size = (32, 32)
     config.weighting.dwa.period_steps = 1  # DWA's weights leave 1 after two periods, within the 4 steps
-    config.weighting.gradnorm.learning_rate = 0.5  # large enough to move the weights visibly in 4 steps
     return config
 
 

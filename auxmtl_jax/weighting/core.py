@@ -43,7 +43,7 @@ class Weighted(NamedTuple):
 class LossWeighting:
     """A weighting: `init(names)` makes its optimiser-trained parameters (kept at `params['loss_weighting']`),
     `init_state(names)` its own state (kept in `TrainState.weighting_state`), and `after_update(state, losses)`
-    (optional) updates the state from the weighted losses at the updated parameters on the same batch (FAMO).
+    (optional) updates the state from the loss terms at the updated parameters on the same batch (FAMO).
 
     `value_and_grad(loss_terms_fn, representation_zeros=None)` gives the step function
     `(params, state, rng) -> Weighted`. `loss_terms_fn(params, perturbations=None) -> (terms, aux)`;
@@ -55,7 +55,7 @@ class LossWeighting:
     init: Callable[[Sequence[str]], dict]
     init_state: Callable[[Sequence[str]], dict]
     value_and_grad: Callable[..., Callable[[Any, dict, jax.Array], Weighted]]
-    after_update: Callable[[dict, jax.Array], dict] | None = None
+    after_update: Callable[[dict, Mapping[str, jax.Array]], dict] | None = None
     per_task_gradients: bool = False
 
 
@@ -65,8 +65,12 @@ def no_params(names: Sequence[str]) -> dict:
 
 
 def weighted_keys(terms: Mapping[str, jax.Array], aux_as_tasks: bool) -> list[str]:
-    """The term keys a weighting weights, in term order: the main tasks, then (with aux_as_tasks) the aux terms."""
-    return [key for key in terms if key.startswith(MAIN_PREFIX) or (aux_as_tasks and key.startswith(AUX_PREFIX))]
+    """The term keys a weighting weights, sorted: the main tasks and (with aux_as_tasks) the aux terms.
+
+    Sorted because a dict that passes through a JAX transformation comes back with sorted keys: every vector of
+    per-task values (losses, weights, state) uses this one order whichever dict it was taken from.
+    """
+    return sorted(key for key in terms if key.startswith(MAIN_PREFIX) or (aux_as_tasks and key.startswith(AUX_PREFIX)))
 
 
 def term_name(key: str) -> str:
@@ -107,7 +111,12 @@ def reweighting(name: str, weights_fn: WeightsFn, *, aux_as_tasks: bool, init=no
                 after_update=None) -> LossWeighting:
     """A weighting of the losses: `weights_fn(weighting_params, state, losses, rng, names) -> (weights, regulariser,
     new_state)` with `losses` the weighted terms as a vector (gradient stopped) and `weights` differentiable in
-    `weighting_params` only. The objective is Σ weights·losses + regulariser + the unweighted terms."""
+    `weighting_params` only. The objective is Σ weights·losses + regulariser + the unweighted terms.
+    `after_update(state, losses)` (optional) gets the same vector at the updated parameters.
+    """
+
+    def terms_after_update(state: dict, terms: Mapping[str, jax.Array]) -> dict:
+        return after_update(state, jnp.stack([terms[key] for key in weighted_keys(terms, aux_as_tasks)]))
 
     def value_and_grad(loss_terms_fn: LossTermsFn, representation_zeros=None):
         def step(params, state: dict, rng: jax.Array) -> Weighted:
@@ -127,7 +136,7 @@ def reweighting(name: str, weights_fn: WeightsFn, *, aux_as_tasks: bool, init=no
         return step
 
     return LossWeighting(name, init=init, init_state=init_state, value_and_grad=value_and_grad,
-                         after_update=after_update)
+                         after_update=terms_after_update if after_update else None)
 
 
 CoefficientsFn = Callable[[jax.Array, jax.Array, dict, jax.Array], tuple[jax.Array, dict]]
@@ -159,7 +168,8 @@ def gradient_treatment(name: str, coefficients_fn: CoefficientsFn, *, aux_as_tas
     """A treatment of the per-task gradients: `coefficients_fn(gram, losses, state, rng) -> (c, new_state)`.
 
     `scope='shared'`: the shared gradient is Σ_t c_t·g_t and every task-specific module (decoders) keeps its own
-    task's plain gradient. `scope='all'`: c weights every parameter's gradient (GradNorm's loss weights).
+    task's plain gradient, as in LibMTL (the Nash-MTL and MGDA reference codes scale the decoders by c instead).
+    `scope='all'`: c weights every parameter's gradient (GradNorm's loss weights).
     The unweighted terms' gradient is added to both afterwards.
     """
     if scope not in ("shared", "all"):
@@ -197,9 +207,10 @@ def representation_treatment(name: str, coefficients_fn: CoefficientsFn, *, aux_
                              init_state=no_params) -> LossWeighting:
     """A treatment in the shared representation's space (Sener & Koltun's upper bound, MGDA-UB): the Gram matrix is
     that of the tasks' gradients with respect to the representation the decoders read, which needs a backward pass
-    through the decoders only; the coefficients then weight the task losses in one ordinary backward pass (so, as
-    in the reference code, they scale the decoders' gradients too). Aux terms never reach that representation, so
-    they cannot count as tasks here."""
+    through the decoders only; the coefficients then weight the task losses in one ordinary backward pass, so they
+    scale the decoders' gradients too, as in Sener & Koltun's code (which, with a normalisation, weights the raw
+    losses by the normalised problem's weights; here the normalised gradients are combined, LibMTL's convention).
+    Aux terms never reach that representation, so they cannot count as tasks here."""
     if aux_as_tasks:
         raise UserError(f"config.loss_weighting={name!r} works on the gradients of the representation the decoders "
                         "read, which aux losses never reach; expected weighting.aux_as_tasks=False.")

@@ -72,7 +72,11 @@ def cagrad_coefficients(gram: jax.Array, c: float = 0.4, rescale: int = 1) -> ja
 
 def imtl_g_coefficients(gram: jax.Array) -> jax.Array:
     """IMTL-G (Liu et al. 2021): the combination Σα_t g_t with Σα_t = 1 whose projections on every unit task
-    gradient u_t are equal: α_{2:T} = g_1·Uᵀ(D·Uᵀ)⁻¹ with D rows g_1 − g_t and U rows u_1 − u_t."""
+    gradient u_t are equal: α_{2:T} = g_1·Uᵀ(D·Uᵀ)⁻¹ with D rows g_1 − g_t and U rows u_1 − u_t.
+
+    Collinear or zero gradients make D·Uᵀ singular: its pseudo-inverse is used, and equal weights 1/T when even
+    that gives no finite answer.
+    """
     num_tasks = gram.shape[0]
     if num_tasks == 1:
         return jnp.ones((1,), gram.dtype)
@@ -81,8 +85,9 @@ def imtl_g_coefficients(gram: jax.Array) -> jax.Array:
     target = unit_dots[0, 0] - unit_dots[0, 1:]  # g_1·(u_1 − u_j)
     # (g_1 − g_i)·(u_1 − u_j) for i, j in 2..T
     system = (unit_dots[0, 0] - unit_dots[0, 1:][None, :] - unit_dots[1:, 0][:, None] + unit_dots[1:, 1:])
-    rest = jnp.linalg.solve(system.T, target)
-    return jnp.concatenate([1.0 - jnp.sum(rest, keepdims=True), rest])
+    rest = jnp.linalg.pinv(system.T) @ target
+    alpha = jnp.concatenate([1.0 - jnp.sum(rest, keepdims=True), rest])
+    return jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, jnp.full_like(alpha, 1.0 / num_tasks))
 
 
 def aligned_mtl_coefficients(gram: jax.Array) -> jax.Array:

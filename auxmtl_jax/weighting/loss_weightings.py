@@ -40,7 +40,7 @@ def kendall(options, aux_as_tasks: bool) -> core.LossWeighting:
 def dwa_weights(last: jax.Array, before_last: jax.Array, temperature: float) -> jax.Array:
     """DWA (Liu, Johns & Davison 2019): w_t = T·softmax_t((L_t(k−1) / L_t(k−2)) / temperature) from the mean
     losses of the last two periods."""
-    return last.shape[0] * jax.nn.softmax(last / before_last / temperature)
+    return last.shape[0] * jax.nn.softmax(last / jnp.maximum(before_last, 1e-12) / temperature)
 
 
 def dwa(options, aux_as_tasks: bool) -> core.LossWeighting:
@@ -95,7 +95,8 @@ def famo_logits_gradient(logits: jax.Array, losses_before: jax.Array, losses_aft
 def famo(options, aux_as_tasks: bool) -> core.LossWeighting:
     """FAMO (Liu et al. 2023): weights z_t/(c·L_t) from logits that Adam (lr 0.025, weight decay γ = 0.01, the
     reference defaults) moves after every step, using the losses at the updated parameters on the same batch
-    (one extra forward pass, no extra backward)."""
+    (one extra forward pass, no extra backward). The reference code can also clip the shared gradient's norm;
+    that is not done here, so FAMO keeps its single backward pass."""
     tx = optax.chain(optax.add_decayed_weights(float(options.weight_decay)), optax.adam(float(options.learning_rate)))
 
     def init_state(names: Sequence[str]) -> dict:
@@ -114,35 +115,45 @@ def famo(options, aux_as_tasks: bool) -> core.LossWeighting:
                             after_update=after_update)
 
 
-def gradnorm_update(weights: jax.Array, norms: jax.Array, losses: jax.Array, initial_losses: jax.Array,
-                    alpha: float, learning_rate: float) -> jax.Array:
-    """One GradNorm step (Chen et al. 2018) on the loss weights w.
+def gradnorm_gradient(weights: jax.Array, norms: jax.Array, losses: jax.Array, initial_losses: jax.Array,
+                      alpha: float) -> jax.Array:
+    """The gradient of GradNorm's loss (Chen et al. 2018) in the loss weights w.
 
     With G_t = w_t‖g_t‖, r_t = (L_t/L_t(0)) / mean_s(L_s/L_s(0)) and the target mean_s(G_s)·r_t^α held constant,
-    w descends Σ_t |G_t − target_t| and is renormalised to sum to T (clipped at 0 first).
+    the loss Σ_t |G_t − target_t| has gradient sign(G_t − target_t)·‖g_t‖.
     """
     ratios = losses / jnp.maximum(initial_losses, 1e-12)
-    targets = jax.lax.stop_gradient(jnp.mean(weights * norms) * (ratios / jnp.mean(ratios)) ** alpha)
-    gradient = jnp.sign(weights * norms - targets) * norms
-    updated = jnp.maximum(weights - learning_rate * gradient, 0.0)
-    return weights.shape[0] * updated / jnp.maximum(jnp.sum(updated), 1e-12)
+    relative = ratios / jnp.maximum(jnp.mean(ratios), 1e-12)
+    targets = jax.lax.stop_gradient(jnp.mean(weights * norms) * relative ** alpha)
+    return jnp.sign(weights * norms - targets) * norms
+
+
+def renormalised(weights: jax.Array) -> jax.Array:
+    """GradNorm's weights after a step: clipped at 0 and rescaled to sum to T."""
+    weights = jnp.maximum(weights, 0.0)
+    return weights.shape[0] * weights / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
 def gradnorm(options, aux_as_tasks: bool) -> core.LossWeighting:
     """GradNorm: loss weights that balance the tasks' gradient norms on the shared encoder (all its parameters,
-    not only the last layer) at rates set by each loss's progress since step 0; α = 1.5 (the paper's NYUv2 value),
-    the weights' own SGD step size `learning_rate`."""
-    alpha, learning_rate = float(options.alpha), float(options.learning_rate)
+    not only the last layer) at rates set by each loss's progress since step 0; α = 1.5 (the paper's NYUv2 value).
+    The weights move by Adam at `learning_rate`, so their step does not depend on the gradients' scale (the paper
+    trains them with the network's optimiser), and are renormalised to sum to T after each step."""
+    alpha = float(options.alpha)
+    tx = optax.adam(float(options.learning_rate))
 
     def init_state(names: Sequence[str]) -> dict:
         ones = jnp.ones((len(names),), jnp.float32)
-        return {"weights": ones, "initial_losses": ones, "started": jnp.zeros((), jnp.bool_)}
+        return {"weights": ones, "opt_state": tx.init(ones), "initial_losses": ones,
+                "started": jnp.zeros((), jnp.bool_)}
 
     def coefficients_fn(gram, losses, state, rng):
         initial = jnp.where(state["started"], state["initial_losses"], losses)
-        norms = gradient_treatments.gradient_norms(gram)
-        new_weights = gradnorm_update(state["weights"], norms, losses, initial, alpha, learning_rate)
-        return state["weights"], {"weights": new_weights, "initial_losses": initial,
+        gradient = gradnorm_gradient(state["weights"], gradient_treatments.gradient_norms(gram), losses, initial,
+                                     alpha)
+        updates, opt_state = tx.update(gradient, state["opt_state"], state["weights"])
+        new_weights = renormalised(optax.apply_updates(state["weights"], updates))
+        return state["weights"], {"weights": new_weights, "opt_state": opt_state, "initial_losses": initial,
                                   "started": jnp.ones((), jnp.bool_)}
 
     return core.gradient_treatment("gradnorm", coefficients_fn, aux_as_tasks=aux_as_tasks, init_state=init_state,

@@ -43,7 +43,7 @@ def min_norm_weights(gram: jax.Array, iterations: int = 100) -> jax.Array:
 
 def grid_line_search(objective: Callable[[jax.Array], jax.Array], points: int = 65) -> LineSearch:
     """A line search for any 1-D convex objective: the best of `points` steps on [0, 1], then of `points` steps
-    around it (resolution 1/(points−1)², here 1/4096)."""
+    around it (resolution 2/(points−1)², here 1/2048)."""
     coarse = jnp.linspace(0.0, 1.0, points)
     fine = jnp.linspace(-1.0, 1.0, points) / (points - 1)
 
@@ -64,19 +64,26 @@ def minimise_on_simplex(objective: Callable[[jax.Array], jax.Array], num_tasks: 
 def nash_bargaining_weights(gram: jax.Array, iterations: int = 20) -> jax.Array:
     """The α > 0 with (gram·α)_i = 1/α_i (Nash-MTL's bargaining solution, Navon et al. 2022).
 
-    It is the minimiser of the strictly convex, self-concordant F(α) = ½αᵀGα − Σ log α_i, found by damped
-    Newton steps (step 1/(1 + Newton decrement) keeps α > 0), started at the solution for orthogonal gradients.
-    A tiny ridge keeps F bounded below when two gradients are collinear.
+    With D = diag(gram)^(−½), α = D·β where β solves the same condition for the unit-diagonal D·gram·D, so tasks
+    whose gradients differ in size by orders of magnitude solve as well as equal ones. β minimises the strictly
+    convex, self-concordant F(β) = ½βᵀMβ − Σ log β_i, found by damped Newton steps (step 1/(1 + Newton decrement)
+    keeps β > 0) from the solution for orthogonal gradients. A ridge of 1e-6 keeps F bounded below when gradients
+    are collinear (for nearly opposite gradients it caps β near 10³, where the update's norm clip governs anyway),
+    and a step that float32 cannot resolve is not taken.
     """
     num_tasks = gram.shape[0]
-    ridge = 1e-6 * jnp.maximum(jnp.mean(jnp.diag(gram)), 1e-20)
-    gram = gram + ridge * jnp.eye(num_tasks, dtype=gram.dtype)
+    diagonal = jnp.diag(gram)
+    floor = 1e-30 * jnp.maximum(jnp.max(diagonal), 1e-30)
+    inverse_sqrt = 1.0 / jnp.sqrt(jnp.maximum(diagonal, floor))
+    unit = gram * jnp.outer(inverse_sqrt, inverse_sqrt) + 1e-6 * jnp.eye(num_tasks, dtype=gram.dtype)
 
-    def body(_, alpha):
-        gradient = gram @ alpha - 1.0 / alpha
-        hessian = gram + jnp.diag(1.0 / alpha ** 2)
+    def body(_, beta):
+        gradient = unit @ beta - 1.0 / beta
+        hessian = unit + jnp.diag(1.0 / beta ** 2)
         newton = jnp.linalg.solve(hessian, gradient)
         decrement = jnp.sqrt(jnp.maximum(gradient @ newton, 0.0))
-        return alpha - newton / (1.0 + decrement)
+        stepped = beta - newton / (1.0 + decrement)
+        return jnp.where(jnp.all(jnp.isfinite(stepped)), stepped, beta)
 
-    return jax.lax.fori_loop(0, iterations, body, 1.0 / jnp.sqrt(jnp.diag(gram)))
+    beta = jax.lax.fori_loop(0, iterations, body, jnp.ones((num_tasks,), gram.dtype))
+    return inverse_sqrt * beta

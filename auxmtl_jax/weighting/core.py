@@ -163,6 +163,15 @@ def shared_gram(rows, mask, num_tasks: int) -> jax.Array:
     return sum(grams, jnp.zeros((num_tasks, num_tasks), jnp.float32))
 
 
+def treated(terms, aux, grads, state: dict, keys: list[str], coefficients: jax.Array,
+            loss_weights: jax.Array) -> Weighted:
+    """A treatment's result: the logged total is Σ loss_weights·losses + the unweighted terms, the logged weights
+    are the coefficients."""
+    losses = jnp.stack([terms[key] for key in keys])
+    total = jnp.dot(loss_weights, losses) + unweighted_sum(terms, keys)
+    return Weighted(total, dict(terms), aux, grads, state, dict(zip((term_name(key) for key in keys), coefficients)))
+
+
 def gradient_treatment(name: str, coefficients_fn: CoefficientsFn, *, aux_as_tasks: bool, init_state=no_params,
                        scope: str = "shared") -> LossWeighting:
     """A treatment of the per-task gradients: `coefficients_fn(gram, losses, state, rng) -> (c, new_state)`.
@@ -192,10 +201,8 @@ def gradient_treatment(name: str, coefficients_fn: CoefficientsFn, *, aux_as_tas
                 return grad + row[num_tasks] if has_others else grad
 
             grads = jax.tree.map(combine, rows, mask)
-            weights = coefficients if scope == "all" else jnp.ones_like(coefficients)
-            total = jnp.dot(weights, losses) + unweighted_sum(terms, keys)
-            names = tuple(term_name(key) for key in keys)
-            return Weighted(total, dict(terms), aux, grads, new_state, dict(zip(names, coefficients)))
+            loss_weights = coefficients if scope == "all" else jnp.ones_like(coefficients)
+            return treated(terms, aux, grads, new_state, keys, coefficients, loss_weights)
 
         return step
 
@@ -232,9 +239,7 @@ def representation_treatment(name: str, coefficients_fn: CoefficientsFn, *, aux_
             coefficients = jax.lax.stop_gradient(coefficients)
             grads, _ = vjp_fn({key: coefficients[keys.index(key)] if key in keys else jnp.ones((), jnp.float32)
                                for key in terms})
-            total = jnp.dot(coefficients, losses) + unweighted_sum(terms, keys)
-            names = tuple(term_name(key) for key in keys)
-            return Weighted(total, dict(terms), aux, grads, new_state, dict(zip(names, coefficients)))
+            return treated(terms, aux, grads, new_state, keys, coefficients, coefficients)
 
         return step
 

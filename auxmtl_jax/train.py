@@ -159,7 +159,9 @@ def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
         params["loss_weighting"] = loss_weighting_params
     tx = create_optimizer(config, learning_rate_fn, params, loaded)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), weighting_state=weighting.init_state(names))
+                       opt_state=tx.init(params),
+                       # a copy per leaf: the step donates the state, and donation refuses one buffer twice
+                       weighting_state=jax.tree.map(jnp.array, weighting.init_state(names)))
     return state, tx
 
 

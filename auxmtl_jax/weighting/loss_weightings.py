@@ -49,9 +49,10 @@ def dwa(options, aux_as_tasks: bool) -> core.LossWeighting:
     temperature, period = float(options.temperature), int(options.period_steps)
 
     def init_state(names: Sequence[str]) -> dict:
-        ones = jnp.ones((len(names),), jnp.float32)
-        return {"period_sum": jnp.zeros_like(ones), "period_count": jnp.zeros((), jnp.int32), "last": ones,
-                "before_last": ones, "periods": jnp.zeros((), jnp.int32)}
+        size = (len(names),)
+        return {"period_sum": jnp.zeros(size, jnp.float32), "period_count": jnp.zeros((), jnp.int32),
+                "last": jnp.ones(size, jnp.float32), "before_last": jnp.ones(size, jnp.float32),
+                "periods": jnp.zeros((), jnp.int32)}
 
     def weights_fn(params, state, losses, rng, names):
         weights = jnp.where(state["periods"] >= 2, dwa_weights(state["last"], state["before_last"], temperature),
@@ -143,8 +144,8 @@ def gradnorm(options, aux_as_tasks: bool) -> core.LossWeighting:
     tx = optax.adam(float(options.learning_rate))
 
     def init_state(names: Sequence[str]) -> dict:
-        ones = jnp.ones((len(names),), jnp.float32)
-        return {"weights": ones, "opt_state": tx.init(ones), "initial_losses": ones,
+        weights = jnp.ones((len(names),), jnp.float32)
+        return {"weights": weights, "opt_state": tx.init(weights), "initial_losses": jnp.ones_like(weights),
                 "started": jnp.zeros((), jnp.bool_)}
 
     def coefficients_fn(gram, losses, state, rng):

@@ -193,6 +193,11 @@ def check_splits(dataset_cfg) -> None:
                             "expected a non-empty split.")
 
 
+def split_size(dataset_cfg, split: str) -> int:
+    """The number of examples `split` (a slice such as 'train[:95%]' included) selects of the prepared dataset."""
+    return len(_data_source(dataset_cfg, split))
+
+
 def _data_source(dataset_cfg, split: str, what: str = "split"):
     """Random-access source for `split` of a prepared dataset (split slicing such as 'train[:90%]' allowed)."""
     builder = get_builder(dataset_cfg)

@@ -165,10 +165,13 @@ def create_train_state(config, model: MultiTaskModel, rng: jax.Array,
     return state, tx
 
 
-def run_weighting(config, dataset: input_pipeline.DatasetInfo) -> weighting_lib.LossWeighting:
-    """The run's weighting, with DWA's default period (one epoch) taken from the training split's size."""
-    train_examples = dataset.splits[config.dataset.train_split]
-    return weighting_lib.from_config(config, steps_per_epoch=max(1, train_examples // config.batch_size))
+def run_weighting(config) -> weighting_lib.LossWeighting:
+    """The run's weighting; DWA's default period (one epoch) is taken from the size of the training split."""
+    steps_per_epoch = None
+    if config.loss_weighting == "dwa" and not config.weighting.dwa.period_steps:
+        train_examples = input_pipeline.split_size(config.dataset, config.dataset.train_split)
+        steps_per_epoch = max(1, train_examples // config.batch_size)
+    return weighting_lib.from_config(config, steps_per_epoch=steps_per_epoch)
 
 
 def encoder_start(config) -> str | None:
@@ -617,7 +620,7 @@ def train_single(config: ml_collections.ConfigDict, workdir: epath.Path, checked
             log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
 
         step_fn, grad_fn = _step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding,
-                                           run_weighting(config, dataset))
+                                           run_weighting(config))
         evaluator = Evaluator(config, model, dataset, mesh)
         coordinates = _gradient_coordinates(config, state)
         loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter)

@@ -143,7 +143,7 @@ CASES = [
     Case("unknown_decoder", run_py("--config.model.decoder=fpn"), r"model\.decoder: unknown value 'fpn'"),
     Case("unknown_task", run_py("--config.tasks=('segmentation','height')"),
          r"config\.tasks: unknown task\(s\) 'height'"),
-    Case("unknown_weighting", run_py("--config.loss_weighting=dwa"), r"config\.loss_weighting='dwa' is unknown"),
+    Case("unknown_weighting", run_py("--config.loss_weighting=uncertainty"), r"config\.loss_weighting='uncertainty' is unknown"),
     Case("unknown_aux_stage", run_py("--config.aux.features=('stage9',)", config=RUNLOCAL.replace("joint", "auxi_all")),
          r"aux\.features: \['stage9'\] not sown by this encoder"),
     Case("batch_not_divisible", run_py("--config.batch_size=6"),

@@ -208,7 +208,7 @@ def test_a_workdir_saved_before_a_config_key_existed_resumes_with_its_old_behavi
     ({"batch_size": 0}, r"config\.batch_size=0; expected a positive integer"),
     ({"batch_size": 6}, r"config\.batch_size=6 must be divisible by the 4 device"),
     ({"tasks": ("segmentation", "height")}, r"config\.tasks: unknown task\(s\) 'height'"),
-    ({"loss_weighting": "dwa"}, r"config\.loss_weighting='dwa' is unknown"),
+    ({"loss_weighting": "uncertainty"}, r"config\.loss_weighting='uncertainty' is unknown"),
     ({"model.decoder": "fpn"}, r"fpn"),
     ({"init_from.path": "/nonexistent/run"}, r"config\.init_from\.path='/nonexistent/run'"),
     ({"accept_changed_keys": "optimizer.lr"}, r"accept_changed_keys names 'optimizer\.lr', which is no config key"),

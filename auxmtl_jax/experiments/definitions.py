@@ -39,7 +39,7 @@ class Claim:
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str
-    paper: str  # where the paper makes the comparison
+    source: str  # where the comparison comes from: 'paper Table 1', 'beyond the paper'
     tasks: tuple[str, ...]
     runs: tuple[Run, ...]
     claims: tuple[Claim, ...]
@@ -105,7 +105,7 @@ def _strategies() -> Experiment:
         Claim("auxi_seg", "prior_depth", "Auxi-seg beats Prior-depth (same start, plus a segmentation aux module)"),
         Claim("auxi_depth", "prior_seg", "Auxi-depth beats Prior-seg (same start, plus a depth aux module)"),
     )
-    return Experiment("strategies", "Sec. 4.2, Fig. 3", TWO_TASKS, runs, claims,
+    return Experiment("strategies", "paper Sec. 4.2, Fig. 3", TWO_TASKS, runs, claims,
                       singles={"segmentation": "single_seg", "depth": "single_depth"}, fig5=("joint", "auxi_both"))
 
 
@@ -119,7 +119,7 @@ def _decoders() -> Experiment:
         claims.append(Claim(auxi.name, joint.name, f"Auxi beats Joint with the {label} decoder"))
         reference = {"segmentation": singles[0].name, "depth": singles[1].name}
         groups.update({run.name: reference for run in (*singles, joint, auxi)})
-    return Experiment("decoders", "Table 1", TWO_TASKS, tuple(runs), tuple(claims),
+    return Experiment("decoders", "paper Table 1", TWO_TASKS, tuple(runs), tuple(claims),
                       singles=groups["joint_baseline"], reference_group=groups,
                       fig5=("joint_baseline", "auxi_baseline"))
 
@@ -138,7 +138,7 @@ def _aux_architectures() -> Experiment:
         Claim("auxi_both", "auxi_seg", "Auxi-both beats Auxi-seg (an aux module per task beats one)"),
         Claim("auxi_both", "auxi_depth", "Auxi-both beats Auxi-depth (an aux module per task beats one)"),
     )
-    return Experiment("aux_architectures", "Table 2", TWO_TASKS, runs, claims,
+    return Experiment("aux_architectures", "paper Table 2", TWO_TASKS, runs, claims,
                       singles={"segmentation": "single_seg", "depth": "single_depth"}, fig5=("joint", "auxi_both"))
 
 
@@ -159,7 +159,7 @@ def _three_tasks() -> Experiment:
         Claim("auxi_nas", "auxi_all", "Auxi-NAS beats Auxi-all (the searched cells beat the basic module)"),
         Claim("auxi_all", "joint_ushape", "Auxi-all (Baseline decoder) beats Joint with the U-shape decoder"),
     )
-    return Experiment("three_tasks", "Table 4", THREE_TASKS, runs, claims,
+    return Experiment("three_tasks", "paper Table 4", THREE_TASKS, runs, claims,
                       singles={"segmentation": "single_seg", "depth": "single_depth", "normal": "single_normal"},
                       fig5=("joint", "auxi_all"))
 
@@ -181,7 +181,7 @@ def _weightings() -> Experiment:
         claims.append(Claim(auxi.name, joint.name, f"Auxi-all beats Joint under {label}"))
     claims += [Claim(f"joint_{weighting}", "joint_equal", f"Joint under {label} beats Joint under equal weighting")
                for weighting, label in WEIGHTING_LABELS.items() if weighting != "equal"]
-    return Experiment("weightings", "beyond the paper (issue: weightings)", THREE_TASKS, tuple(runs), tuple(claims),
+    return Experiment("weightings", "beyond the paper", THREE_TASKS, tuple(runs), tuple(claims),
                       singles={"segmentation": "single_seg", "depth": "single_depth", "normal": "single_normal"},
                       fig5=("joint_equal", "auxi_all_equal"))
 

@@ -125,7 +125,7 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
     header = ["run"] + [f"{task} {metric}{'%' if metric in metrics_lib.FRACTION_METRICS else ''} "
                         f"{'↑' if metrics_lib.HIGHER_IS_BETTER[task][metric] else '↓'}"
                         for task, metric in table_columns] + ["Δm% ↑"]
-    lines = [f"# Experiment `{experiment.name}` (paper {experiment.paper})", "",
+    lines = [f"# Experiment `{experiment.name}` ({experiment.source})", "",
              f"{setting}. Seeds {', '.join(map(str, seeds))}: each seed sets the initialisation and the training "
              f"data order, and the runs of one seed share both. Training wall time {wall_seconds / 60:.1f} min in "
              "total.", "",

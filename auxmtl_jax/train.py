@@ -360,7 +360,8 @@ def _results_delta_m(results, references) -> float | None:
 
 def write_results(workdir: epath.Path, name: str, step: int, results: dict, references) -> dict:
     """WORKDIR/results.json and a readable results.txt, both written atomically."""
-    record = {"name": name, "step": int(step), "metrics": results, "delta_m": _results_delta_m(results, references)}
+    record = {"name": name, "step": int(step), "metrics": results, "delta_m": _results_delta_m(results, references),
+              "delta_m_convention": metrics_lib.DELTA_M_DEFAULT}
     if jax.process_index() == 0:
         checkpoint_lib._write_text_atomic(workdir / RESULTS_FILE, json.dumps(record, indent=2, allow_nan=True))
         checkpoint_lib._write_text_atomic(workdir / RESULTS_TABLE,

@@ -48,9 +48,9 @@ def evaluate(predictor: inference.Predictor, test_set: dict[str, np.ndarray], ba
     return metrics_lib.compute(state)
 
 
-def seeds_of(root: epath.Path, run: str) -> list[int]:
+def seeds_of(runs: epath.Path, run: str) -> list[int]:
     prefix = f"{run}_seed"
-    return sorted(int(path.name[len(prefix):]) for path in (root / runner.RUNS_DIR).glob(f"{prefix}*")
+    return sorted(int(path.name[len(prefix):]) for path in runs.glob(f"{prefix}*")
                   if (path / "inference").exists())
 
 
@@ -62,11 +62,12 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200, help="scenes per test set (the demo split has 200)")
     args = parser.parse_args()
     root = epath.Path(args.experiment_dir)
+    runs = runner.runs_root(root, runner.read_experiment_record(root).get("runs_dir"))
     run_a, run_b = args.runs.split(",")
-    seeds = sorted(set(seeds_of(root, run_a)) & set(seeds_of(root, run_b)))
+    seeds = sorted(set(seeds_of(runs, run_a)) & set(seeds_of(runs, run_b)))
     if len(seeds) < 2:
         raise SystemExit(f"{root}: runs {run_a} and {run_b} share {len(seeds)} finished seeds; expected at least 2")
-    run_config = json.loads((runner.run_workdir(root, run_a, seeds[0]) / "config.json").read_text())
+    run_config = json.loads((runner.run_workdir(runs, run_a, seeds[0]) / "config.json").read_text())
     if run_config["dataset"]["name"] != "synthetic_scenes":
         raise SystemExit(f"{root}: dataset {run_config['dataset']['name']!r}; only synthetic_scenes can be re-rendered")
     test_sets = fresh_test_sets(run_config["dataset"]["config"], args.test_sets, args.scenes)
@@ -74,12 +75,12 @@ def main() -> None:
     print(f"Δm% of {run_b} against {run_a} of the same seed, on {args.test_sets} fresh sets of {args.scenes} scenes")
     per_seed = {}
     for seed in seeds:
-        predictors = {run: inference.Predictor.load(runner.run_workdir(root, run, seed) / "inference")
+        predictors = {run: inference.Predictor.load(runner.run_workdir(runs, run, seed) / "inference")
                       for run in (run_a, run_b)}
         results = {run: [evaluate(predictor, test_set) for test_set in test_sets]
                    for run, predictor in predictors.items()}
         per_seed[seed] = [metrics_lib.delta_m(b, a) for a, b in zip(results[run_a], results[run_b])]
-        stored = [json.loads((runner.run_workdir(root, run, seed) / "results.json").read_text())["metrics"]
+        stored = [json.loads((runner.run_workdir(runs, run, seed) / "results.json").read_text())["metrics"]
                   for run in (run_a, run_b)]
         print(f"seed {seed}: stored test split {metrics_lib.delta_m(stored[1], stored[0]):+6.2f}; fresh sets "
               f"mean {np.mean(per_seed[seed]):+6.2f}, sd {np.std(per_seed[seed], ddof=1):.2f} "

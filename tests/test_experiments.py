@@ -1,9 +1,11 @@
 """The experiment layer: interval and paired-test maths by hand, experiment definitions, and a tiny experiment
 that completes, re-runs without training, and resumes after a kill to the uninterrupted result."""
 
+import dataclasses
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -13,8 +15,11 @@ from etils import epath
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import train
 from auxmtl_jax.errors import UserError
-from auxmtl_jax.experiments import EXPERIMENTS, Claim, Experiment, Run, report, run_and_report, runner, stats
-from auxmtl_jax.experiments.definitions import TWO_TASKS, variants_experiment
+from auxmtl_jax.experiments import (EXPERIMENTS, Claim, Experiment, Run, report, rewrite_report, run_and_report,
+                                    runner, stats)
+from auxmtl_jax.experiments.__main__ import main as experiments_main
+from auxmtl_jax.experiments.definitions import (BEYOND_THE_PAPER, PAPER_ENDPOINTS, TWO_TASKS, per_task_claims,
+                                                variants_experiment)
 from test_train import KilledAfter
 
 
@@ -33,14 +38,19 @@ def test_paired_test_by_hand():
     assert test.mean_difference == pytest.approx(5.0 / 3.0)
     assert test.p_value == pytest.approx(1.0 - 5.0 / math.sqrt(27.0), rel=1e-9)
     assert test.half_width == pytest.approx(4.302653 * math.sqrt(1.0 / 3.0) / math.sqrt(3.0), rel=1e-6)
-    assert test.verdict == "holds" and test.pairs == 3
-    assert stats.paired_test([0.0, 0.0, 1.0], [1.0, 2.0, 3.0]).verdict == "does not hold"
-    assert stats.paired_test([1.0, 2.0, 3.0], [0.9, 2.3, 2.8]).verdict == "not significant"
+    assert test.pairs == 3
 
 
-def test_paired_test_without_spread_or_pairs_is_not_significant():
+def test_the_verdict_follows_the_adjusted_p_and_the_claimed_direction():
+    assert stats.verdict(+0.5, 0.01) == "holds"
+    assert stats.verdict(-0.5, 0.01) == "does not hold"
+    assert stats.verdict(+0.5, 0.06) == "not significant"
+    assert stats.verdict(+0.5, math.nan) == "not significant"
+
+
+def test_paired_test_without_spread_or_pairs_has_no_p():
     assert math.isnan(stats.paired_test([2.0, 3.0], [1.0, 2.0]).p_value)  # every difference equal
-    assert stats.paired_test([2.0], [1.0]).verdict == "not significant"
+    assert math.isnan(stats.paired_test([2.0], [1.0]).p_value)
     with pytest.raises(ValueError, match="equal-length"):
         stats.paired_test([1.0, 2.0], [1.0])
 
@@ -53,15 +63,83 @@ def test_holm_adjustment_by_hand():
     assert stats.holm_adjusted([0.5, 0.6]) == [1.0, 1.0]
 
 
-def test_claims_compare_lower_is_better_metrics_with_the_right_sign():
-    experiment = Experiment("x", "test", ("depth",), (Run("a", "", "A"), Run("b", "", "B")),
-                            (Claim("a", "b", "A beats B", metric="depth/abs_err"),), singles={"depth": "b"})
-    results = {"a": {0: {"depth": {"abs_err": 0.50}}, 1: {"depth": {"abs_err": 0.40}}, 2: {"depth": {"abs_err": 0.45}}},
-               "b": {0: {"depth": {"abs_err": 0.60}}, 1: {"depth": {"abs_err": 0.55}}, 2: {"depth": {"abs_err": 0.58}}}}
-    result = report.test_claim(experiment, results, experiment.claims[0])
-    assert result.test.mean_difference == pytest.approx((0.10 + 0.15 + 0.13) / 3)  # positive: A has lower error
-    delta = report.delta_m_per_seed(experiment, results, "a")
-    assert delta[0] == pytest.approx(-(0.50 - 0.60) / 0.60 * 100)
+def _depth_experiment(claims):
+    runs = (Run("a", "", "A"), Run("b", "", "B"), Run("c", "", "C"))
+    return Experiment("x", "test", ("depth",), runs, claims, singles={"depth": "b"}).check()
+
+
+DEPTH_RESULTS = {  # abs err per seed; rel err fixed so Δm% follows abs err alone
+    "a": {0: {"depth": {"abs_err": 0.50, "rel_err": 0.2}}, 1: {"depth": {"abs_err": 0.40, "rel_err": 0.2}},
+          2: {"depth": {"abs_err": 0.45, "rel_err": 0.2}}},
+    "b": {0: {"depth": {"abs_err": 0.60, "rel_err": 0.2}}, 1: {"depth": {"abs_err": 0.55, "rel_err": 0.2}},
+          2: {"depth": {"abs_err": 0.58, "rel_err": 0.2}}},
+    "c": {0: {"depth": {"abs_err": 0.59, "rel_err": 0.2}}, 1: {"depth": {"abs_err": 0.57, "rel_err": 0.2}},
+          2: {"depth": {"abs_err": 0.54, "rel_err": 0.2}}},
+}
+
+
+def test_claims_are_tested_on_their_endpoint_in_the_claimed_direction():
+    experiment = _depth_experiment((Claim("a", "b", "depth/abs_err", "A beats B"),
+                                    Claim("a", "b", "depth/abs_err", "A is worse than B", "worse")))
+    better, worse = report.test_claims(experiment, DEPTH_RESULTS)
+    # abs err of A − B, raw units: (-0.10 - 0.15 - 0.13) / 3; lower is better, so A is better.
+    assert better.test.mean_difference == pytest.approx(-0.38 / 3)
+    assert better.difference_in_claimed_direction > 0 > worse.difference_in_claimed_direction
+    assert better.test.p_value < 0.05
+    assert better.verdict == "holds" and worse.verdict == "does not hold"
+    assert report.delta_m_per_seed(experiment, DEPTH_RESULTS, "a")[0] == pytest.approx((0.60 - 0.50) / 0.60 * 50)
+
+
+def test_the_verdict_is_holm_adjusted_within_each_family_only():
+    # A − C: abs err differences -0.09, -0.17, -0.09 -> raw p = 0.048; alone it holds, but in a paper family of
+    # two with a larger p (B − C: 0.01, -0.02, 0.04), Holm doubles it to 0.097: not significant. A claim beyond
+    # the paper is another family and does not count.
+    a_vs_c = Claim("a", "c", "depth/abs_err", "A beats C")
+    alone = report.test_claims(_depth_experiment((a_vs_c,)), DEPTH_RESULTS)[0]
+    assert alone.test.p_value < 0.05 and alone.verdict == "holds"
+    flat = Claim("b", "c", "depth/abs_err", "B beats C")
+    family = report.test_claims(_depth_experiment((a_vs_c, flat)), DEPTH_RESULTS)
+    assert family[0].holm_p_value == pytest.approx(2 * alone.test.p_value) and family[0].verdict == "not significant"
+    beyond = dataclasses.replace(flat, source=BEYOND_THE_PAPER)
+    separate = report.test_claims(_depth_experiment((a_vs_c, beyond)), DEPTH_RESULTS)
+    assert separate[0].holm_p_value == pytest.approx(alone.test.p_value) and separate[0].verdict == "holds"
+
+
+def test_the_experiments_mirror_the_papers_settings_and_claims():
+    by_name = {name: {(claim.first, claim.second, claim.endpoint): claim for claim in experiment.claims}
+               for name, experiment in EXPERIMENTS.items()}
+    for experiment in EXPERIMENTS.values():
+        for claim in experiment.claims:
+            assert claim.endpoint == PAPER_ENDPOINTS[claim.task]
+            assert (claim.family == "paper") == claim.source.startswith("paper"), claim
+    strategies = by_name["strategies"]
+    assert strategies[("joint", "single_seg", "segmentation/miou")].direction == "worse"
+    assert strategies[("joint", "single_depth", "depth/abs_err")].direction == "worse"
+    assert strategies[("auxi_both", "single_depth", "depth/abs_err")].direction == "better"
+    assert {("kendall", "joint", endpoint) for endpoint in ("segmentation/miou", "depth/abs_err")} <= set(strategies)
+    fig3 = strategies[("auxi_seg_from_depth", "prior_depth", "segmentation/miou")]
+    assert fig3.direction == "better" and fig3.source == "paper Fig. 3"
+    table2 = by_name["aux_architectures"]
+    assert table2[("auxi_both_context_conv3x3", "auxi_both_context", "depth/abs_err")].direction == "better"
+    assert table2[("auxi_both_context", "auxi_seg_context", "segmentation/miou")].direction == "worse"
+    assert table2[("auxi_both_context_sum", "auxi_both_context", "segmentation/miou")].family == BEYOND_THE_PAPER
+    table4 = by_name["three_tasks"]
+    assert table4[("auxi_nas", "auxi_all", "normal/mean")].family == BEYOND_THE_PAPER
+    assert table4[("auxi_nas", "joint", "normal/mean")].source == "paper Table 4"
+    for name, decoder in (("aux_architectures", "context"), ("three_tasks", "ushape")):
+        assert all(f"decoder={decoder}" in run.variant for run in EXPERIMENTS[name].runs), name
+
+
+def test_experiments_sharing_a_runs_dir_share_equal_runs(tmp_path):
+    """Run names carry their decoder, so a name means one config in every two-task experiment."""
+    configs = {}
+    for name in ("strategies", "decoders", "aux_architectures"):
+        experiment = EXPERIMENTS[name]
+        base = runner.base_config(experiment, size="cpu", dataset="synthetic_scenes")
+        for run in experiment.runs:
+            config = runner.run_config(experiment, run, 0, base, tmp_path).to_json()
+            assert configs.setdefault(run.name, config) == config, (name, run.name)
+    assert {"joint", "auxi_both", "joint_context", "auxi_both_context"} <= set(configs)
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -108,7 +186,7 @@ def test_runs_out_of_dependency_order_are_refused():
 
 PAIR = Experiment("pair", "test", TWO_TASKS,
                   (Run("joint", "strategy=joint", "Joint"), Run("auxi", "strategy=auxi_all", "Auxi")),
-                  (Claim("auxi", "joint", "Auxi beats Joint"),),
+                  per_task_claims("auxi", "joint", TWO_TASKS, "Auxi beats Joint", source="paper Table 0"),
                   singles={"segmentation": "joint", "depth": "joint"}, fig5=("joint", "auxi")).check()
 
 
@@ -126,7 +204,8 @@ def finished_pair(data_dir, tmp_path_factory):
 
 def test_a_tiny_experiment_writes_its_report(finished_pair):
     root, written = finished_pair
-    assert {path.name for path in written} == {"report.md", "summary.json", "fig3_intervals.png", "fig5_bands.png"}
+    assert {path.name for path in written} == {"report.md", "summary.json", "fig3_intervals.png",
+                                               "fig5_main_gradient.png"}
     summary = json.loads((root / "summary.json").read_text())
     per_seed = {seed: json.loads((root / "runs" / f"auxi_seed{seed}" / "results.json").read_text())["metrics"]
                 for seed in (0, 1)}
@@ -135,12 +214,75 @@ def test_a_tiny_experiment_writes_its_report(finished_pair):
     assert miou["mean"] == pytest.approx((per_seed[0]["segmentation"]["miou"] + per_seed[1]["segmentation"]["miou"]) / 2)
     assert per_seed[0] != per_seed[1]  # the seed changes the initialisation and the data order
     assert summary["runs"]["joint"]["delta_m"]["per_seed"] == {"0": 0.0, "1": 0.0}  # Δm% of the reference itself
-    claim = summary["claims"][0]
-    assert claim["pairs"] == 2 and claim["verdict"] in ("holds", "does not hold", "not significant")
-    assert claim["holm_p_value"] == pytest.approx(claim["p_value"], nan_ok=True)  # a family of one claim
+    # Every metric of every run and seed, so any convention re-renders without the runs.
+    assert summary["results"]["auxi"]["1"] == per_seed[1]
+    assert set(summary["results"]["auxi"]["0"]["depth"]) == {"abs_err", "rel_err", "rms", "delta1", "delta2",
+                                                             "delta3"}
+    assert summary["delta_m"]["convention"] == "per_task"
+    assert summary["delta_m"]["metrics"] == {"segmentation": ["miou", "pixel_acc"], "depth": ["abs_err", "rel_err"]}
+    seg, depth = summary["claims"]
+    assert (seg["endpoint"], depth["endpoint"]) == ("segmentation/miou", "depth/abs_err")
+    for claim in (seg, depth):
+        assert claim["pairs"] == 2 and claim["verdict"] in ("holds", "does not hold", "not significant")
+    assert seg["holm_p_value"] == pytest.approx(min(1.0, 2 * min(seg["p_value"], depth["p_value"])), nan_ok=True)
     text = (root / "report.md").read_text()
-    assert "| Auxi | " in text and "- Auxi beats Joint — **" in text and "![fig5_bands.png](fig5_bands.png)" in text
+    assert "| Auxi | " in text and "- Auxi beats Joint, on seg (paper Table 0) — **" in text
+    assert "![fig5_main_gradient.png](fig5_main_gradient.png)" in text and "| all layers |" in text
+    assert "Δm% convention `per_task`" in text and "segmentation: miou, pixel_acc; depth: abs_err, rel_err" in text
     assert "Size `tiny`: synthetic_scenes/tiny" in text
+    assert set(summary["fig5"]["all layers"]) >= {"ratio", "ratio_half_width", "aux_over_main"}
+
+
+def _checkpoint_files(root):
+    """Every file under the runs' checkpoint dirs, with its modification time."""
+    return sorted((str(path), path.stat().st_mtime_ns) for path in pathlib.Path(root).rglob("*")
+                  if "checkpoint" in str(path.relative_to(root)))
+
+
+def test_report_re_renders_in_another_convention_without_training(finished_pair, monkeypatch, tmp_path, capsys):
+    root, _ = finished_pair
+    before = _checkpoint_files(root)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("rendering a report trained a run")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    monkeypatch.setitem(EXPERIMENTS, "pair", PAIR)  # as if it were one of the named experiments
+    experiments_main(["report", str(root), "--delta_m=headline"])
+    assert "wrote" in capsys.readouterr().out
+    assert _checkpoint_files(root) == before  # no checkpoint written, none removed
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["delta_m"] == {"convention": "headline", "metrics": {"segmentation": ["miou"], "depth": ["rms"]},
+                                  "references": {"joint": {"segmentation": "joint", "depth": "joint"},
+                                                 "auxi": {"segmentation": "joint", "depth": "joint"}}}
+    results = report.results_from_summary(summary)
+    expected = {seed: (results["auxi"][seed]["segmentation"]["miou"] / results["joint"][seed]["segmentation"]["miou"]
+                       - 1 - (results["auxi"][seed]["depth"]["rms"] / results["joint"][seed]["depth"]["rms"] - 1))
+                * 50 for seed in (0, 1)}
+    assert summary["runs"]["auxi"]["delta_m"]["per_seed"] == pytest.approx({str(k): v for k, v in expected.items()})
+    assert "Δm% convention `headline`" in (root / "report.md").read_text()
+
+    # Without the runs (a committed docs/results dir): from summary.json alone, the same claims.
+    copy = tmp_path / "committed"
+    copy.mkdir()
+    for name in ("experiment.json", "summary.json", "fig5_main_gradient.png"):
+        (copy / name).write_bytes((root / name).read_bytes())
+    rewrite_report(str(copy), delta_m="headline")
+    again = json.loads((copy / "summary.json").read_text())
+    assert again["claims"] == summary["claims"] and again["fig5"] == summary["fig5"]
+    assert "![fig5_main_gradient.png]" in (copy / "report.md").read_text()
+    rewrite_report(str(root))  # back to the default for the tests that follow
+
+
+def test_report_bad_inputs_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        experiments_main(["report", str(tmp_path), "--delta_m=mean"])
+    assert exit_info.value.code == 2 and "invalid choice: 'mean'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        experiments_main(["report", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no experiment.json" in err[0]
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_re_running_a_finished_experiment_trains_nothing(finished_pair, data_dir, monkeypatch):
@@ -190,7 +332,8 @@ def test_a_killed_experiment_resumes_to_the_uninterrupted_result(finished_pair, 
 def test_variants_experiment_compares_every_variant_with_the_first():
     experiment = variants_experiment({"joint": "strategy=joint", "auxi": "strategy=auxi_all", "ds": "strategy=kendall"})
     assert experiment.singles == {"segmentation": "joint", "depth": "joint", "normal": "joint"}
-    assert [(claim.better, claim.worse) for claim in experiment.claims] == [("auxi", "joint"), ("ds", "joint")]
+    assert [(claim.first, claim.second) for claim in experiment.claims] == [("auxi", "joint")] * 3 + [("ds", "joint")] * 3
+    assert {claim.family for claim in experiment.claims} == {BEYOND_THE_PAPER}
     with pytest.raises(UserError, match="expected at least two"):
         variants_experiment({"joint": "strategy=joint"})
 
@@ -212,3 +355,24 @@ def test_the_command_line_caches_compilations_in_the_experiment_dir_unless_the_u
                            capture_output=True, text=True)
     expected = tmp_path / user_cache if user_cache else tmp_path / "exp" / runner.COMPILATION_CACHE_DIR
     assert probe.stdout.strip() == str(expected)
+
+
+def test_report_re_renders_a_summary_written_before_every_metric_was_kept(tmp_path, monkeypatch):
+    """Older summary.json files kept only the table's metrics: claims on endpoints re-render, Δm% says why not."""
+    monkeypatch.setitem(EXPERIMENTS, "pair", PAIR)
+    per_seed = {"joint": ({"0": 0.30, "1": 0.32}, {"0": 0.60, "1": 0.62}),
+                "auxi": ({"0": 0.31, "1": 0.34}, {"0": 0.59, "1": 0.60})}
+    old = {"experiment": "pair", "seeds": [0, 1], "setting": "an older run", "wall_seconds": 60.0,
+           "runs": {run: {"segmentation/miou": {"per_seed": miou}, "depth/abs_err": {"per_seed": abs_err},
+                          "delta_m": {"per_seed": {"0": 1.0, "1": 2.0}}} for run, (miou, abs_err) in per_seed.items()}}
+    (tmp_path / "experiment.json").write_text(json.dumps({"experiment": "pair", "size": "tiny",
+                                                          "dataset": "synthetic_scenes", "overrides": []}))
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    rewrite_report(str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    seg = summary["claims"][0]
+    assert seg["mean_difference"] == pytest.approx(0.015) and seg["pairs"] == 2
+    assert "needs segmentation/pixel_acc" in summary["delta_m"]["unavailable"]
+    assert "delta_m" not in summary["runs"]["auxi"] and summary["results"]["auxi"]["1"]["depth"] == {"abs_err": 0.60}
+    text = (tmp_path / "report.md").read_text()
+    assert "Not computable here" in text and "| Auxi | 32.50 ± 19.06 | 0.5950 ± 0.0635 | – |" in text

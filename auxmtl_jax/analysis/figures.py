@@ -218,7 +218,9 @@ def gradient_curves(
     for axes in axes_grid[panels:]:
         axes.set_visible(False)
     axes_grid[0].legend(fontsize=8)
-    figure.suptitle("Shared-encoder gradient magnitude (sampled parameters) and training loss")
+    what = {"grad": "main + aux losses (adding a loss adds gradient: compare grad_main across runs)",
+            "grad_main": "main losses only", "grad_aux": "aux losses only"}[component]
+    figure.suptitle(f"Shared-encoder gradient magnitude (sampled parameters) of the {what}, and training loss")
     return figure
 
 
@@ -577,8 +579,9 @@ def write_sweep_figures(
 ) -> list[Path]:
     """The figures of a multi-strategy sweep in `out_dir`; returns the written paths.
 
-    - `fig5_gradients.png/.svg`: every multi-task run (all runs when none is) logging gradients and `loss/<task>`;
-      left out, with a warning, when no run logged gradients.
+    - `fig5_gradients.png/.svg`: the main-loss gradient (`grad_main`: comparable across runs, unlike the total,
+      which an added loss raises by construction) of every multi-task run (all runs when none is) logging
+      gradients and `loss/<task>`; left out, with a warning, when no run logged gradients.
     - `fig3_strategies.png/.svg`: when at least one run has results.json (headline metrics of two tasks).
     - `fig6_predictions.png`: when `prediction_examples` is given: `image`, ground truth under `<task>` and
       predictions under `prediction/<task>` (batch-contract layouts; seg logits give num_classes).
@@ -592,8 +595,8 @@ def write_sweep_figures(
     }
     pending = []
     try:
-        pending.append((gradient_curves(select_fig5_runs(metrics, task), loss_key=f"loss/{task}"),
-                        out_dir / FIG5_NAME, True))
+        curves = gradient_curves(select_fig5_runs(metrics, task), loss_key=f"loss/{task}", component="grad_main")
+        pending.append((curves, out_dir / FIG5_NAME, True))
     except AnalysisInputError as error:  # e.g. analysis.grad_log_every_steps=0, or fewer steps than it
         logging.getLogger("auxmtl_jax").warning("left out %s: %s", FIG5_NAME, error)
     if results:

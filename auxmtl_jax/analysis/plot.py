@@ -58,7 +58,7 @@ def resolve_runs(specs: Sequence[str], required_file: str) -> dict[str, Path]:
 
 def plot_fig5(
     run_specs: Sequence[str], *, out: str, task: str = "depth", layers: Sequence[str] | None = None,
-    component: str = "grad", smoothing: float = 0.6, dpi: int = 100,
+    component: str = "grad_main", smoothing: float = 0.6, dpi: int = 100,
 ) -> list[Path]:
     """Gradient-magnitude curves and training loss (paper Fig. 5); returns the written paths."""
     runs = {name: figures.read_metrics(path) for name, path in resolve_runs(run_specs, figures.METRICS_FILE).items()}
@@ -101,8 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     fig5.add_argument("--task", default="depth", help="task whose training loss (loss/<task>) is shown")
     fig5.add_argument("--layers", type=lambda s: [p for p in s.split(",") if p], default=None,
                       help="comma-separated logged encoder layers; default: three spread across depth")
-    fig5.add_argument("--component", choices=figures.GRADIENT_COMPONENTS, default="grad",
-                      help="total gradient (grad), its main-loss part (grad_main) or aux-loss part (grad_aux)")
+    fig5.add_argument("--component", choices=figures.GRADIENT_COMPONENTS, default="grad_main",
+                      help="main-loss part (grad_main, the default: comparable across runs), aux-loss part "
+                           "(grad_aux) or their total (grad, which an added loss raises by construction)")
     fig5.add_argument("--smoothing", type=float, default=0.6, help="EMA smoothing of the curves, in [0, 1)")
     fig3.add_argument("--x", default=None, help="task/metric on the x axis (e.g. segmentation/miou)")
     fig3.add_argument("--y", default=None, help="task/metric on the y axis (e.g. depth/abs_err)")

@@ -1,17 +1,27 @@
 """`python -m auxmtl_jax.experiments NAME --workdir=DIR [--seeds=N] [--size=tiny|cpu|gpu] [--dataset=D]
-[--set KEY=VALUE ...]`: runs a named experiment over seeds and writes DIR/report.md (see the package docstring).
-`NAME=variants --variant A=... --variant B=...` compares any config variants against the first one.
-Re-running continues an interrupted experiment; finished runs are read, not trained again."""
+[--set KEY=VALUE ...] [--runs_dir=R] [--delta_m=CONVENTION]`: runs a named experiment over seeds and writes
+DIR/report.md (see the package docstring). `NAME=variants --variant A=... --variant B=...` compares any config
+variants against the first one. Re-running continues an interrupted experiment; finished runs are read, not
+trained again.
+
+`python -m auxmtl_jax.experiments report DIR [--delta_m=CONVENTION]` renders DIR's report again from its
+finished runs (or its summary.json) and trains nothing."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from typing import Sequence
 
 from auxmtl_jax import errors
+from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax.errors import UserError
-from auxmtl_jax.experiments import EXPERIMENTS, run_and_report, runner
+from auxmtl_jax.experiments import EXPERIMENTS, rewrite_report, run_and_report, runner
 from auxmtl_jax.experiments.definitions import variants_experiment
+
+DELTA_M_HELP = (f"Δm%% convention of the report: {', '.join(metrics_lib.DELTA_M_CONVENTIONS)} (default "
+                f"{metrics_lib.DELTA_M_DEFAULT}: LibMTL's mean within each task, then over tasks)")
 
 
 def parse_variants(specs: Sequence[str]) -> dict[str, str]:
@@ -25,9 +35,19 @@ def parse_variants(specs: Sequence[str]) -> dict[str, str]:
     return variants
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _report_parser() -> argparse.ArgumentParser:
+    parser = errors.ArgumentParser(prog="python -m auxmtl_jax.experiments report",
+                                   description="Renders an experiment dir's report again; trains nothing.")
+    parser.add_argument("dir", help="an experiment dir (its experiment.json, runs and/or summary.json)")
+    parser.add_argument("--delta_m", choices=metrics_lib.DELTA_M_CONVENTIONS, default=metrics_lib.DELTA_M_DEFAULT,
+                        help=DELTA_M_HELP)
+    return parser
+
+
+def _run_parser() -> argparse.ArgumentParser:
     parser = errors.ArgumentParser(prog="python -m auxmtl_jax.experiments",
-                                   description="The paper's comparisons over seeds, with intervals and paired tests.")
+                                   description="The paper's comparisons over seeds, with intervals and paired tests "
+                                               "('report DIR' renders a finished one again).")
     parser.add_argument("name", choices=[*EXPERIMENTS, "variants"],
                         help="a paper experiment, or 'variants': the --variant runs against the first one")
     parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="NAME=VARIANT",
@@ -42,14 +62,30 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="synthetic_scenes (built on first use) or a built real dataset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. --set dataset.data_dir=/data")
-    args = parser.parse_args(argv)
+    parser.add_argument("--runs_dir", default=None,
+                        help="where the run workdirs live (default DIR/runs); experiments given the same one share "
+                             "the runs they have in common")
+    parser.add_argument("--delta_m", choices=metrics_lib.DELTA_M_CONVENTIONS, default=metrics_lib.DELTA_M_DEFAULT,
+                        help=DELTA_M_HELP)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rendering = bool(argv) and argv[0] == "report"
+    args = _report_parser().parse_args(argv[1:]) if rendering else _run_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("auxmtl_jax").setLevel(logging.INFO)
     with errors.reported_as_one_line(args.verbose):
-        runner.use_compilation_cache(args.workdir)
-        experiment = variants_experiment(parse_variants(args.variants)) if args.name == "variants" else args.name
-        written = run_and_report(experiment, args.workdir, seeds=args.seeds, size=args.size, dataset=args.dataset,
-                                 overrides=args.overrides)
+        if rendering:
+            written = rewrite_report(args.dir, delta_m=args.delta_m)
+        else:
+            runner.use_compilation_cache(args.workdir)
+            experiment = (variants_experiment(parse_variants(args.variants)) if args.name == "variants"
+                          else args.name)
+            written = run_and_report(experiment, args.workdir, seeds=args.seeds, size=args.size,
+                                     dataset=args.dataset, overrides=args.overrides, runs_dir=args.runs_dir,
+                                     delta_m=args.delta_m)
     for path in written:
         print(f"wrote {path}")
 

@@ -1,6 +1,8 @@
-"""An experiment's report: mean ± 95% t-interval over seeds per run and metric, Δm% against the same seed's
-single-task runs, one verdict line per paper claim from a paired test over seeds, Fig. 3 with error bars and
-Fig. 5 averaged over seeds with a band. Written as report.md, summary.json and PNGs in the experiment dir.
+"""An experiment's report: every metric as mean ± 95% t half-width over seeds, Δm% in a named convention, one
+line per declared claim on its endpoint (paired test over seeds, verdict by the Holm-adjusted p within its
+family), Δm% differences as secondary lines, Fig. 3 with error bars and a non-circular Fig. 5. Written as
+report.md, summary.json and PNGs in the experiment dir; summary.json keeps every metric of every (run, seed), so a
+report re-renders in any convention without the runs.
 """
 
 from __future__ import annotations
@@ -17,138 +19,244 @@ from matplotlib.figure import Figure
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax.analysis import figures
-from auxmtl_jax.experiments import stats
+from auxmtl_jax.experiments import gradients, stats
 from auxmtl_jax.experiments.definitions import DELTA_M, Claim, Experiment
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
 FIG3_FILE = "fig3_intervals.png"
-FIG5_FILE = "fig5_bands.png"
-COLUMNS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),
-           "normal": ("mean", "within_11.25")}
+FIG5_FILE = "fig5_main_gradient.png"
 Results = Mapping[str, Mapping[int, Mapping[str, Mapping[str, float]]]]  # {run: {seed: {task: {metric: v}}}}
+INTERVAL_NOTE = "± the half-width of the 95% Student-t interval over seeds"
 
 
-def columns(experiment: Experiment) -> list[tuple[str, str]]:
-    return [(task, metric) for task in experiment.tasks for metric in COLUMNS[task]]
+def metric_columns(experiment: Experiment, results: Results) -> list[tuple[str, str]]:
+    """Every (task, metric) of the experiment's tasks that some run has, in the metrics module's order."""
+    present = {(task, metric) for by_seed in results.values() for values in by_seed.values()
+               for task, metrics in values.items() for metric in metrics}
+    return [(task, metric) for task in experiment.tasks for metric in metrics_lib.HIGHER_IS_BETTER[task]
+            if (task, metric) in present]
 
 
-def delta_m_per_seed(experiment: Experiment, results: Results, run: str) -> dict[int, float]:
+def delta_m_per_seed(experiment: Experiment, results: Results, run: str,
+                     convention: str = metrics_lib.DELTA_M_DEFAULT) -> dict[int, float]:
     """{seed: Δm% of `run` against the single-task runs of the same seed}."""
     values = {}
     for seed, metrics in results[run].items():
         references = {task: results[single][seed][task] for task, single in experiment.references(run).items()
                       if seed in results[single]}
-        values[seed] = metrics_lib.delta_m(metrics, references)
+        values[seed] = metrics_lib.delta_m(metrics, references, convention)
     return values
 
 
-def per_seed(experiment: Experiment, results: Results, run: str, metric: str) -> dict[int, float]:
+def per_seed(experiment: Experiment, results: Results, run: str, key: str,
+             convention: str = metrics_lib.DELTA_M_DEFAULT) -> dict[int, float]:
     """{seed: value} of 'delta_m' or 'task/metric' for one run."""
-    if metric == DELTA_M:
-        return delta_m_per_seed(experiment, results, run)
-    task, name = metric.split("/")
-    return {seed: float(values[task][name]) for seed, values in results[run].items()}
+    if key == DELTA_M:
+        return delta_m_per_seed(experiment, results, run, convention)
+    task, name = key.split("/")
+    return {seed: float(values[task][name]) for seed, values in results[run].items() if task in values}
 
 
-def _better_is_higher(metric: str) -> bool:
-    return True if metric == DELTA_M else metrics_lib.HIGHER_IS_BETTER[metric.split("/")[0]][metric.split("/")[1]]
+def _higher_is_better(key: str) -> bool:
+    return True if key == DELTA_M else metrics_lib.HIGHER_IS_BETTER[key.split("/")[0]][key.split("/")[1]]
+
+
+def _paired(experiment, results, first, second, key, convention) -> stats.PairedTest:
+    """Paired test of `first` − `second` (raw units) over the seeds both have."""
+    a, b = (per_seed(experiment, results, run, key, convention) for run in (first, second))
+    seeds = sorted(set(a) & set(b))
+    return stats.paired_test([a[s] for s in seeds], [b[s] for s in seeds])
 
 
 @dataclasses.dataclass(frozen=True)
 class ClaimResult:
     claim: Claim
-    test: stats.PairedTest  # of better − worse, signed so that positive means `better` is better
-    holm_p_value: float = math.nan  # adjusted over the experiment's claims (`stats.holm_adjusted`)
+    test: stats.PairedTest  # of first − second on the endpoint, in the metric's own units
+    holm_p_value: float  # adjusted within the claim's family of this experiment
+    verdict: str
 
-    def line(self, experiment: Experiment) -> str:
-        better, worse = experiment.run(self.claim.better).label, experiment.run(self.claim.worse).label
-        metric = "Δm%" if self.claim.metric == DELTA_M else self.claim.metric
-        p = "n/a" if math.isnan(self.test.p_value) else f"{self.test.p_value:.3f}"
-        if not math.isnan(self.holm_p_value) and len(experiment.claims) > 1:
-            p += f"; Holm-adjusted {self.holm_p_value:.3f}"
-        return (f"{self.claim.statement} — **{self.test.verdict}** (p = {p}): {metric} of {better} minus {worse} "
-                f"= {self.test.mean_difference:+.3f} ± {_format_half(self.test.half_width)} over "
-                f"{self.test.pairs} paired seeds")
-
-
-def test_claim(experiment: Experiment, results: Results, claim: Claim) -> ClaimResult:
-    """The paired test of a claim over the seeds both of its runs have."""
-    better = per_seed(experiment, results, claim.better, claim.metric)
-    worse = per_seed(experiment, results, claim.worse, claim.metric)
-    seeds = sorted(set(better) & set(worse))
-    sign = 1.0 if _better_is_higher(claim.metric) else -1.0
-    test = stats.paired_test([sign * better[s] for s in seeds], [sign * worse[s] for s in seeds])
-    return ClaimResult(claim, test)
+    @property
+    def difference_in_claimed_direction(self) -> float:
+        """Positive when `first` is `direction` than `second` (the sign the claim predicts)."""
+        better = 1.0 if _higher_is_better(self.claim.endpoint) else -1.0
+        return self.test.mean_difference * better * (1.0 if self.claim.direction == "better" else -1.0)
 
 
 def test_claims(experiment: Experiment, results: Results) -> list[ClaimResult]:
-    """Every claim's paired test, with p-values Holm-adjusted over the experiment's claims."""
-    tested = [test_claim(experiment, results, claim) for claim in experiment.claims]
-    adjusted = stats.holm_adjusted([result.test.p_value for result in tested])
-    return [dataclasses.replace(result, holm_p_value=p) for result, p in zip(tested, adjusted)]
+    """Every claim's paired test on its endpoint; p Holm-adjusted within its family; verdict by the adjusted p."""
+    tests = [_paired(experiment, results, claim.first, claim.second, claim.endpoint, metrics_lib.DELTA_M_DEFAULT)
+             for claim in experiment.claims]
+    adjusted = [math.nan] * len(tests)
+    for family in {claim.family for claim in experiment.claims}:
+        members = [i for i, claim in enumerate(experiment.claims) if claim.family == family]
+        for i, p in zip(members, stats.holm_adjusted([tests[i].p_value for i in members])):
+            adjusted[i] = p
+    claimed = []
+    for claim, test, p in zip(experiment.claims, tests, adjusted):
+        result = ClaimResult(claim, test, p, "")
+        claimed.append(dataclasses.replace(result, verdict=stats.verdict(result.difference_in_claimed_direction,
+                                                                           p)))
+    return claimed
 
 
-def _format_half(half_width: float) -> str:
-    return "n/a" if math.isnan(half_width) else f"{half_width:.3f}"
+def _scale(metric: str) -> tuple[float, str]:
+    """Display factor and unit of a metric's differences: fractions in percentage points."""
+    if metric in metrics_lib.FRACTION_METRICS:
+        return 100.0, " points"
+    return 1.0, {"abs_err": " m", "rms": " m", "mean": "°", "median": "°"}.get(metric, "")
+
+
+def _p(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def claim_line(experiment: Experiment, result: ClaimResult) -> str:
+    claim, test = result.claim, result.test
+    first, second = experiment.run(claim.first).label, experiment.run(claim.second).label
+    task, metric = claim.endpoint.split("/")
+    scale, unit = _scale(metric)
+    digits = 4 if task == "depth" and metric not in metrics_lib.FRACTION_METRICS else 2
+    half = "n/a" if math.isnan(test.half_width) else f"{test.half_width * scale:.{digits}f}"
+    return (f"{claim.statement} ({claim.source}) — **{result.verdict}** (Holm p = {_p(result.holm_p_value)}; "
+            f"raw p = {_p(test.p_value)}): {task} {metric} of {first} − {second} = "
+            f"{test.mean_difference * scale:+.{digits}f} ± {half}{unit} (95% t half-width, {test.pairs} paired seeds)")
+
+
+def delta_m_pairs(experiment: Experiment, results: Results, convention: str) -> list[dict]:
+    """The Δm% difference of every pair a claim compares, once per pair: secondary, no verdict."""
+    pairs = list(dict.fromkeys((claim.first, claim.second) for claim in experiment.claims))
+    rows = []
+    for first, second in pairs:
+        test = _paired(experiment, results, first, second, DELTA_M, convention)
+        rows.append({"first": first, "second": second, **dataclasses.asdict(test)})
+    return rows
 
 
 def _cell(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "–"
     mean, half = stats.t_interval(values)
-    spread = "" if math.isnan(half) else f" ± {half * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f}{spread}"
+    return f"{mean * scale:.{digits}f}" + ("" if math.isnan(half) else f" ± {half * scale:.{digits}f}")
 
 
-def summary(experiment: Experiment, results: Results, claims: Sequence[ClaimResult]) -> dict:
-    """{'runs': {run: {'task/metric' | 'delta_m': {'mean', 'half_width', 'per_seed'}}}, 'claims': [...]}."""
+def _entry(values: Mapping[int, float]) -> dict:
+    mean, half = stats.t_interval(list(values.values()))
+    return {"mean": mean, "half_width": half, "per_seed": {str(seed): value for seed, value in values.items()}}
+
+
+def summary(experiment: Experiment, results: Results, claims: Sequence[ClaimResult], convention: str) -> dict:
+    """Every metric of every (run, seed), the per-run statistics, Δm% with its convention, and the claims."""
+    missing = delta_m_available(experiment, results, convention)
+    available = missing is None
     runs = {}
     for run in experiment.runs:
-        entries = {}
-        for task, metric in columns(experiment):
-            if task in next(iter(results[run.name].values())):
-                entries[f"{task}/{metric}"] = per_seed(experiment, results, run.name, f"{task}/{metric}")
-        entries[DELTA_M] = per_seed(experiment, results, run.name, DELTA_M)
-        runs[run.name] = {key: dict(zip(("mean", "half_width"), stats.t_interval(list(values.values()))),
-                                    per_seed={str(seed): value for seed, value in values.items()})
-                          for key, values in entries.items()}
-    return {"runs": runs, "claims": [{"statement": result.claim.statement, "better": result.claim.better,
-                                      "worse": result.claim.worse, "metric": result.claim.metric,
-                                      "verdict": result.test.verdict, **dataclasses.asdict(result.test),
-                                      "holm_p_value": result.holm_p_value}
-                                     for result in claims]}
+        entries = {f"{task}/{metric}": _entry(per_seed(experiment, results, run.name, f"{task}/{metric}"))
+                   for task, metric in metric_columns(experiment, results)
+                   if per_seed(experiment, results, run.name, f"{task}/{metric}")}
+        if available:
+            entries[DELTA_M] = _entry(delta_m_per_seed(experiment, results, run.name, convention))
+        runs[run.name] = entries
+    return {
+        "delta_m": {"convention": convention, "unavailable": missing,
+                    "metrics": {task: list(names) for task, names in
+                                metrics_lib.delta_m_metrics(convention, experiment.tasks).items()},
+                    "references": {run.name: dict(experiment.references(run.name)) for run in experiment.runs}},
+        "results": {run: {str(seed): values for seed, values in by_seed.items()} for run, by_seed in results.items()},
+        "runs": runs,
+        "claims": [{"statement": result.claim.statement, "first": result.claim.first, "second": result.claim.second,
+                    "endpoint": result.claim.endpoint, "direction": result.claim.direction,
+                    "source": result.claim.source, "family": result.claim.family, "verdict": result.verdict,
+                    **dataclasses.asdict(result.test), "holm_p_value": result.holm_p_value} for result in claims],
+        "delta_m_differences": delta_m_pairs(experiment, results, convention) if available else [],
+    }
 
 
-def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimResult], *, seeds: Sequence[int],
-             setting: str, wall_seconds: float, figure_files: Sequence[str]) -> str:
-    """The report as Markdown: setting, the interval table, the claim lines, the figures."""
-    table_columns = [(task, metric) for task, metric in columns(experiment)]
+def results_from_summary(record: Mapping) -> dict[str, dict[int, dict]]:
+    """{run: {seed: metrics}} back from a summary.json's 'results' or, in a summary written before it kept every
+    metric, from the per-seed values of the metrics its table had."""
+    if "results" in record:
+        return {run: {int(seed): values for seed, values in by_seed.items()}
+                for run, by_seed in record["results"].items()}
+    results: dict[str, dict[int, dict]] = {}
+    for run, entries in record["runs"].items():
+        by_seed = results.setdefault(run, {})
+        for key, entry in entries.items():
+            if "/" in key:
+                task, metric = key.split("/")
+                for seed, value in entry["per_seed"].items():
+                    by_seed.setdefault(int(seed), {}).setdefault(task, {})[metric] = value
+    return results
+
+
+def delta_m_available(experiment: Experiment, results: Results, convention: str) -> str | None:
+    """None when every run's Δm% in `convention` can be computed, else why not (a missing metric)."""
+    try:
+        for run in experiment.runs:
+            delta_m_per_seed(experiment, results, run.name, convention)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _table(experiment: Experiment, results: Results, keys: Sequence[tuple[str, str]],
+           convention: str | None) -> list[str]:
     header = ["run"] + [f"{task} {metric}{'%' if metric in metrics_lib.FRACTION_METRICS else ''} "
-                        f"{'↑' if metrics_lib.HIGHER_IS_BETTER[task][metric] else '↓'}"
-                        for task, metric in table_columns] + ["Δm% ↑"]
+                        f"{'↑' if metrics_lib.HIGHER_IS_BETTER[task][metric] else '↓'}" for task, metric in keys]
+    lines = ["| " + " | ".join(header + ["Δm% ↑"]) + " |", "|" + "---|" * (len(header) + 1)]
+    for run in experiment.runs:
+        cells = [run.label]
+        for task, metric in keys:
+            values = list(per_seed(experiment, results, run.name, f"{task}/{metric}").values())
+            scale = 100.0 if metric in metrics_lib.FRACTION_METRICS else 1.0
+            digits = 4 if task == "depth" and metric not in metrics_lib.FRACTION_METRICS else 2
+            cells.append(_cell(values, scale, digits))
+        cells.append(_cell(list(delta_m_per_seed(experiment, results, run.name, convention).values()))
+                     if convention else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimResult], record: Mapping, *,
+             seeds: Sequence[int], setting: str, wall_seconds: float, convention: str,
+             fig5_numbers: Mapping | None, figure_files: Sequence[str]) -> str:
+    """The report: setting and conventions, the endpoint table, the claim lines per family, Δm% differences,
+    the full metric table, Fig. 5's numbers, the figures."""
+    endpoints = [tuple(key.split("/")) for key in dict.fromkeys(claim.endpoint for claim in experiment.claims)]
+    missing = record["delta_m"]["unavailable"]
+    shown = None if missing else convention
+    references = ", ".join(f"{task}: {experiment.run(run).label}" for task, run in experiment.singles.items())
     lines = [f"# Experiment `{experiment.name}` ({experiment.source})", "",
              f"{setting}. Seeds {', '.join(map(str, seeds))}: each seed sets the initialisation and the training "
-             f"data order, and the runs of one seed share both. Training wall time {wall_seconds / 60:.1f} min in "
-             "total.", "",
-             "Each cell is the mean ± the half-width of the 95% t-interval over seeds. Δm% is measured against the "
-             "single-task runs of the same seed (" + ", ".join(
-                 f"{task}: {experiment.run(run).label}" for task, run in experiment.singles.items()) + ").", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in experiment.runs:
-        by_seed = results[run.name]
-        cells = [experiment.run(run.name).label]
-        for task, metric in table_columns:
-            values = [metrics[task][metric] for metrics in by_seed.values() if task in metrics]
-            scale = 100.0 if metric in metrics_lib.FRACTION_METRICS else 1.0
-            digits = 4 if task == "depth" else 2
-            cells.append(_cell(values, scale, digits) if values else "–")
-        cells.append(_cell(list(delta_m_per_seed(experiment, results, run.name).values())))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Claims", "",
-              "Paired two-sided t-test over seeds of the first run minus the second (signed so that positive is "
-              "better), α = 0.05: **holds** = significantly better, **does not hold** = significantly worse. "
-              "The verdict is per claim; the Holm-adjusted p-value treats the experiment's claims as one family "
-              "(below 0.05 = the verdict survives testing them all).", ""]
-    lines += [f"- {result.line(experiment)}" for result in claims]
+             f"data order, and the runs of one seed share both. Training wall time {wall_seconds / 60:.1f} min "
+             "(runs shared with another experiment count in both).", "",
+             f"- {metrics_lib.describe_delta_m(convention, experiment.tasks)}. Reference: the single-task runs of "
+             f"the same seed ({references})." + (f" Not computable here ({missing}): the Δm% column shows –."
+                                                 if missing else ""),
+             f"- Every cell and difference is the mean {INTERVAL_NOTE}.",
+             "- Claims were declared before the runs (`experiments/definitions.py`), each on the endpoint its source "
+             "names, in the direction the source reports. Paired two-sided t-test over seeds; the verdict follows "
+             "the Holm-adjusted p within the claim's family (the paper's claims; those beyond the paper), α = 0.05: "
+             "**holds** = significant in the claimed direction, **does not hold** = significant against it, "
+             "**not significant** = neither (read the interval for what it excludes).", "",
+             "## Endpoints", ""]
+    lines += _table(experiment, results, endpoints, shown)
+    for family, title in (("paper", "Claims from the paper"), ("beyond the paper", "Beyond the paper")):
+        members = [result for result in claims if result.claim.family == family]
+        if members:
+            lines += ["", f"## {title} ({len(members)} endpoints, one Holm family)", ""]
+            lines += [f"- {claim_line(experiment, result)}" for result in members]
+    if not missing:
+        lines += ["", f"## Δm% differences (secondary, `{convention}`; no verdict)", ""]
+    for row in record["delta_m_differences"]:
+        first, second = experiment.run(row["first"]).label, experiment.run(row["second"]).label
+        half = "n/a" if math.isnan(row["half_width"]) else f"{row['half_width']:.2f}"
+        lines.append(f"- {first} − {second}: {row['mean_difference']:+.2f} ± {half} (raw p = {_p(row['p_value'])})")
+    lines += ["", "## Every metric", ""] + _table(experiment, results, metric_columns(experiment, results), shown)
+    if fig5_numbers:
+        labels = tuple(experiment.run(name).label for name in experiment.fig5)
+        lines += ["", "## Fig. 5: the main-loss gradient with and without aux modules", ""]
+        lines += gradients.markdown_lines(fig5_numbers, labels)
     if figure_files:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figure_files]
     return "\n".join(lines) + "\n"
@@ -164,8 +272,7 @@ def fig3_intervals(experiment: Experiment, results: Results, x: str = "segmentat
                                                   for run in group.values()}
     colors = figures._run_colors([run.name for run in experiment.runs])
     for run in experiment.runs:
-        x_values = per_seed(experiment, results, run.name, x) if _has(results, run.name, x) else None
-        y_values = per_seed(experiment, results, run.name, y) if _has(results, run.name, y) else None
+        x_values, y_values = (per_seed(experiment, results, run.name, key) for key in (x, y))
         if run.name in singles:
             for values, line in ((x_values, axes.axvline), (y_values, axes.axhline)):
                 if values:
@@ -180,74 +287,52 @@ def fig3_intervals(experiment: Experiment, results: Results, x: str = "segmentat
     axes.legend(fontsize=7, loc="best")
     axes.set_xlabel(figures._axis_label(*x.split("/")))
     axes.set_ylabel(figures._axis_label(*y.split("/")))
-    axes.set_title(f"{experiment.name}: mean ± 95% interval over seeds (dotted: single-task)", fontsize=9)
+    axes.set_title(f"{experiment.name}: mean ± 95% t half-width over seeds (dotted: single-task)", fontsize=9)
     return figure
 
 
-def _has(results: Results, run: str, metric: str) -> bool:
-    task = metric.split("/")[0]
-    return all(task in metrics for metrics in results[run].values())
-
-
-def fig5_bands(records: Mapping[str, Sequence[Sequence[dict]]], loss_key: str, component: str = "grad",
-               smoothing: float = 0.6) -> Figure:
-    """Paper Fig. 5 averaged over seeds: per run the mean over seeds of the sampled encoder-gradient magnitude
-    (three layers spread across depth) and of the training loss, each seed's curve EMA-smoothed first, with a
-    band of ± one standard deviation over seeds.
-
-    `records` maps a run name to the metrics.jsonl lines of each of its seeds.
-    """
-    logged = {name: [figures.logged_gradient_layers(lines, component) for lines in seeds]
-              for name, seeds in records.items()}
-    common = [layer for layer in logged[next(iter(logged))][0]
-              if all(layer in found for seeds in logged.values() for found in seeds)]
-    if not common:
-        raise figures.AnalysisInputError("the runs share no logged gradient layer; expected runs trained with "
-                                         "analysis.grad_log_every_steps > 0")
-    keys = [f"{component}/{layer}" for layer in figures.spread_across_depth(common)] + [loss_key]
-    figure = Figure(figsize=(4.0 * len(keys), 3.4), layout="constrained")
-    colors = figures._run_colors(list(records))
-    for axes, key in zip(figure.subplots(1, len(keys), squeeze=False)[0], keys):
-        for name, seeds in records.items():
-            series = [figures.metric_series(lines, key) for lines in seeds]
-            length = min(len(steps) for steps, _ in series)
-            steps = series[0][0][:length]
-            values = np.stack([figures.ema(values[:length], smoothing) for _, values in series])
-            mean, spread = values.mean(axis=0), values.std(axis=0)
-            axes.plot(steps, mean, color=colors[name], label=f"{name} ({len(seeds)} seeds)")
-            axes.fill_between(steps, mean - spread, mean + spread, color=colors[name], alpha=0.2)
-        axes.set_title(key, fontsize=8)
-        axes.set_xlabel("step")
-    figure.axes[0].set_ylabel("mean |gradient|")
-    figure.axes[0].legend(fontsize=7)
-    return figure
+def _fig5_records(experiment: Experiment, runs_dir: epath.Path | None, seeds: Sequence[int]):
+    """(Joint lines per seed, Auxi lines per seed) from the runs' metrics.jsonl, or None without them."""
+    if not experiment.fig5 or runs_dir is None:
+        return None
+    try:
+        return tuple([figures.read_metrics(epath.Path(runs_dir) / f"{name}_seed{seed}") for seed in seeds]
+                     for name in experiment.fig5)
+    except (figures.AnalysisInputError, FileNotFoundError, OSError):
+        return None
 
 
 def write_report(experiment: Experiment, root: str | epath.Path, results: Results, *, seeds: Sequence[int],
-                 setting: str, wall_seconds: float) -> list[epath.Path]:
-    """report.md, summary.json, fig3_intervals.png and (when runs logged gradients) fig5_bands.png in `root`."""
+                 setting: str, wall_seconds: float, convention: str = metrics_lib.DELTA_M_DEFAULT,
+                 runs_dir: str | epath.Path | None = None) -> list[epath.Path]:
+    """report.md, summary.json, the Fig. 3 PNG and (when the runs logged gradients and are at hand) the Fig. 5
+    PNG in `root`. Without the runs, Fig. 5's numbers come from the previous summary.json and its PNG stays."""
     root = epath.Path(root)
+    metrics_lib.delta_m_metrics(convention, experiment.tasks)  # an unknown convention stops before any writing
+    results = {run.name: {seed: results[run.name][seed] for seed in seeds} for run in experiment.runs}
     written, figure_files = [], []
     if {"segmentation", "depth"} <= set(experiment.tasks):
         written += figures.save_figure(fig3_intervals(experiment, results), str(root / FIG3_FILE), svg=False)
         figure_files.append(FIG3_FILE)
-    if experiment.fig5:
-        from auxmtl_jax.experiments.runner import run_workdir
-
-        records = {experiment.run(name).label: [figures.read_metrics(run_workdir(root, name, seed))
-                                                for seed in seeds] for name in experiment.fig5}
-        loss_key = f"loss/{'depth' if 'depth' in experiment.tasks else experiment.tasks[0]}"
+    previous = json.loads((root / SUMMARY_FILE).read_text()) if (root / SUMMARY_FILE).exists() else {}
+    fig5_numbers = previous.get("fig5")
+    records = _fig5_records(experiment, runs_dir, seeds)
+    if records is not None:
+        labels = tuple(experiment.run(name).label for name in experiment.fig5)
         try:
-            written += figures.save_figure(fig5_bands(records, loss_key), str(root / FIG5_FILE), svg=False)
-            figure_files.append(FIG5_FILE)
+            fig5_numbers = gradients.gradient_numbers(*records)
+            written += figures.save_figure(gradients.main_gradient_figure(*records, labels), str(root / FIG5_FILE),
+                                           svg=False)
         except figures.AnalysisInputError:
-            pass  # no gradient logs (analysis.grad_log_every_steps=0): the report has no Fig. 5
+            fig5_numbers = None  # no gradient logs (analysis.grad_log_every_steps=0): no Fig. 5
+    if fig5_numbers and (root / FIG5_FILE).exists():
+        figure_files.append(FIG5_FILE)
     claims = test_claims(experiment, results)
-    record = summary(experiment, results, claims)
-    record.update({"experiment": experiment.name, "seeds": list(seeds), "setting": setting,
-                   "wall_seconds": wall_seconds})
+    record = summary(experiment, results, claims, convention)
+    record.update({"experiment": experiment.name, "source": experiment.source, "seeds": list(seeds),
+                   "setting": setting, "wall_seconds": wall_seconds, "fig5": fig5_numbers})
     checkpoint_lib._write_text_atomic(root / SUMMARY_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
-    text = markdown(experiment, results, claims, seeds=seeds, setting=setting, wall_seconds=wall_seconds,
-                    figure_files=figure_files)
+    text = markdown(experiment, results, claims, record, seeds=seeds, setting=setting, wall_seconds=wall_seconds,
+                    convention=convention, fig5_numbers=fig5_numbers, figure_files=figure_files)
     checkpoint_lib._write_text_atomic(root / REPORT_FILE, text)
     return [epath.Path(path) for path in written] + [root / SUMMARY_FILE, root / REPORT_FILE]

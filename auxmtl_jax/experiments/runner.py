@@ -2,9 +2,11 @@
 
 Layout of an experiment dir:
 
-    DIR/experiment.json          the experiment, size, dataset and overrides it was started with
-    DIR/runs/<run>_seed<k>/      one training workdir per run and seed (resumes like any run)
-    DIR/timing.json              training wall time of each run, summed over the invocations that trained it
+    DIR/experiment.json          the experiment, size, dataset and overrides it was started with (and --runs_dir)
+    DIR/runs/<run>_seed<k>/      one training workdir per run and seed (resumes like any run); `--runs_dir=R`
+                                 puts them in R instead, so experiments sharing R share the runs they have in
+                                 common (same name, same config: a changed config stops with one line)
+    R/../timing.json             training wall time of each run, summed over the invocations that trained it
     DIR/compilation_cache/       compiled XLA programs, shared by the seeds of a run (command line only)
     DIR/report.md, DIR/*.png     the report (`report.write_report`)
 """
@@ -112,15 +114,21 @@ def use_compilation_cache(root: str | epath.Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def run_workdir(root: epath.Path, run: str, seed: int) -> epath.Path:
-    return epath.Path(root) / RUNS_DIR / f"{run}_seed{seed}"
+def runs_root(root: str | epath.Path, runs_dir: str | epath.Path | None = None) -> epath.Path:
+    """Where the run workdirs of an experiment dir live: `runs_dir`, or DIR/runs."""
+    return epath.Path(runs_dir) if runs_dir else epath.Path(root) / RUNS_DIR
+
+
+def run_workdir(runs: epath.Path, run: str, seed: int) -> epath.Path:
+    """The workdir of one run and seed inside a runs dir (`runs_root`)."""
+    return epath.Path(runs) / f"{run}_seed{seed}"
 
 
 def run_config(experiment: Experiment, run: Run, seed: int, base: ml_collections.ConfigDict,
-               root: epath.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+               runs: epath.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """One run's config: the variant (with `{run}` replaced by that run's workdir of this seed), the `--set`
     overrides and the seed, which sets both the initialisation and the training data order."""
-    variant = run.variant.format(**{name: str(run_workdir(root, name, seed).absolute())
+    variant = run.variant.format(**{name: str(run_workdir(runs, name, seed).absolute())
                                     for name in experiment.dependencies(run)})
     config = copy.deepcopy(base)
     common.apply_variant(config, variant)
@@ -130,11 +138,32 @@ def run_config(experiment: Experiment, run: Run, seed: int, base: ml_collections
     return config
 
 
-def _check_experiment_dir(root: epath.Path, record: dict) -> None:
+def experiment_record(experiment: Experiment, size: str, dataset: str, overrides: Sequence[str],
+                      runs_dir: str | None, variants: Mapping[str, str] | None = None) -> dict:
+    """What DIR/experiment.json holds; keys with their default value are left out, as before they existed."""
+    record = {"experiment": experiment.name, "size": size, "dataset": dataset, "overrides": list(overrides)}
+    if runs_dir:
+        record["runs_dir"] = str(runs_dir)
+    if variants:
+        record["variants"] = dict(variants)
+    return record
+
+
+def read_experiment_record(root: epath.Path) -> dict:
+    path = epath.Path(root) / EXPERIMENT_FILE
+    if not path.exists():
+        raise UserError(f"{root} has no {EXPERIMENT_FILE}; expected an experiment dir written by "
+                        "`python -m auxmtl_jax.experiments NAME --workdir=DIR`")
+    return json.loads(path.read_text())
+
+
+def check_experiment_dir(root: epath.Path, record: dict) -> None:
     """An experiment dir holds one experiment at one size; more seeds may be added later."""
     path = root / EXPERIMENT_FILE
     if path.exists():
         saved = json.loads(path.read_text())
+        if "variants" not in saved:  # written before variants were recorded
+            record = {key: value for key, value in record.items() if key != "variants"}
         if saved != record:
             differing = {key: (saved.get(key), record.get(key)) for key in set(saved) | set(record)
                          if saved.get(key) != record.get(key)}
@@ -147,40 +176,53 @@ def _check_experiment_dir(root: epath.Path, record: dict) -> None:
 
 def finished_results(workdir: epath.Path, config) -> dict | None:
     """The results record of a run that has finished with this config, or None (not started, or unfinished)."""
+    record = finished_record(workdir, config)
+    if record is not None:
+        checkpoint_lib.check_workdir_config(workdir, config, resume_step=record["step"])  # a changed config stops
+    return record
+
+
+def finished_record(workdir: epath.Path, config) -> dict | None:
+    """The results record of a run that has reached `config.num_train_steps`, read only (no config check)."""
     path = workdir / train.RESULTS_FILE
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if record.get("step") != config.num_train_steps:
-        return None
-    checkpoint_lib.check_workdir_config(workdir, config, resume_step=record["step"])  # a changed config stops
-    return record
+    return record if record.get("step") == config.num_train_steps else None
 
 
-def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Sequence[int], size: str,
-                   dataset: str = "synthetic_scenes", overrides: Sequence[str] = ()) -> dict[str, dict[int, dict]]:
-    """Trains (or reads) every run of every seed, seed by seed; returns {run: {seed: test metrics}}.
-
-    Every run config is validated before the first run trains. An interrupted experiment continues where it
-    stopped: a finished run is read from its results.json, an unfinished one resumes from its last checkpoint.
-    """
-    root = epath.Path(root)
-    if not seeds:
-        raise UserError("--seeds: expected at least one seed")
+def run_configs(experiment: Experiment, runs: epath.Path, *, seeds: Sequence[int], size: str, dataset: str,
+                overrides: Sequence[str]) -> dict[tuple[str, int], ml_collections.ConfigDict]:
+    """{(run, seed): config}, every one validated (so a bad input stops before any run trains)."""
     base = base_config(experiment, size=size, dataset=dataset, overrides=overrides)
     configs = {}
     for seed in seeds:
         for run in experiment.runs:
             with errors.about(f"experiment {experiment.name!r}, run {run.name!r} (seed {seed})"):
-                configs[(run.name, seed)] = run_config(experiment, run, seed, base, root, overrides)
+                configs[(run.name, seed)] = run_config(experiment, run, seed, base, runs, overrides)
                 train.validate_config(configs[(run.name, seed)])
-    _check_experiment_dir(root, {"experiment": experiment.name, "size": size, "dataset": dataset,
-                                 "overrides": list(overrides)})
-    timing = _read_timing(root)
+    return configs
+
+
+def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Sequence[int], size: str,
+                   dataset: str = "synthetic_scenes", overrides: Sequence[str] = (),
+                   runs_dir: str | None = None) -> dict[str, dict[int, dict]]:
+    """Trains (or reads) every run of every seed, seed by seed; returns {run: {seed: test metrics}}.
+
+    Every run config is validated before the first run trains. An interrupted experiment continues where it
+    stopped: a finished run is read from its results.json, an unfinished one resumes from its last checkpoint.
+    """
+    root, runs = epath.Path(root), runs_root(root, runs_dir)
+    if not seeds:
+        raise UserError("--seeds: expected at least one seed")
+    configs = run_configs(experiment, runs, seeds=seeds, size=size, dataset=dataset, overrides=overrides)
+    variants = ({run.name: run.variant for run in experiment.runs} if experiment.name == "variants" else None)
+    check_experiment_dir(root, experiment_record(experiment, size, dataset, overrides, runs_dir, variants))
+    timing = _read_timing(runs)
     results: dict[str, dict[int, dict]] = {run.name: {} for run in experiment.runs}
     for seed in seeds:
         for run in experiment.runs:
-            workdir, config = run_workdir(root, run.name, seed), configs[(run.name, seed)]
+            workdir, config = run_workdir(runs, run.name, seed), configs[(run.name, seed)]
             record = finished_results(workdir, config)
             if record is None:
                 log.info("experiment %s: training %s (seed %d) in %s", experiment.name, run.name, seed, workdir)
@@ -188,23 +230,38 @@ def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Seq
                 try:
                     record = train.train_and_evaluate(config, str(workdir))
                 finally:  # an interrupted run's time counts too; its resume adds the rest
+                    timing = _read_timing(runs)  # another experiment sharing the runs dir may have added some
                     timing[workdir.name] = timing.get(workdir.name, 0.0) + time.perf_counter() - start
-                    _write_timing(root, timing)
+                    _write_timing(runs, timing)
             results[run.name][seed] = record["metrics"]
     return results
 
 
-def _read_timing(root: epath.Path) -> dict[str, float]:
-    path = root / TIMING_FILE
+def _read_timing(runs: epath.Path) -> dict[str, float]:
+    path = epath.Path(runs).parent / TIMING_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_timing(root: epath.Path, timing: Mapping[str, float]) -> None:
+def _write_timing(runs: epath.Path, timing: Mapping[str, float]) -> None:
     if jax.process_index() == 0:
-        checkpoint_lib._write_text_atomic(root / TIMING_FILE, json.dumps(dict(timing), indent=2, sort_keys=True))
+        epath.Path(runs).parent.mkdir(parents=True, exist_ok=True)
+        checkpoint_lib._write_text_atomic(epath.Path(runs).parent / TIMING_FILE,
+                                          json.dumps(dict(timing), indent=2, sort_keys=True))
 
 
-def wall_seconds(root: epath.Path, experiment: Experiment, seeds: Sequence[int]) -> float:
+def wall_seconds(runs: epath.Path, experiment: Experiment, seeds: Sequence[int]) -> float:
     """Recorded training wall time of the experiment's runs (0 for runs trained before timing existed)."""
-    timing = _read_timing(epath.Path(root))
-    return sum(timing.get(run_workdir(root, run.name, seed).name, 0.0) for seed in seeds for run in experiment.runs)
+    timing = _read_timing(epath.Path(runs))
+    return sum(timing.get(run_workdir(runs, run.name, seed).name, 0.0) for seed in seeds for run in experiment.runs)
+
+
+def finished_seeds(experiment: Experiment, configs: Mapping[tuple[str, int], ml_collections.ConfigDict],
+                   runs: epath.Path, seeds: Sequence[int]) -> dict[int, dict[str, dict]]:
+    """{seed: {run: metrics}} for the seeds whose every run has finished; reads only, trains nothing."""
+    found = {}
+    for seed in seeds:
+        records = {run.name: finished_record(run_workdir(runs, run.name, seed), configs[(run.name, seed)])
+                   for run in experiment.runs}
+        if all(record is not None for record in records.values()):
+            found[seed] = {name: record["metrics"] for name, record in records.items()}
+    return found

@@ -34,12 +34,13 @@ class PairedTest:
     p_value: float  # NaN with fewer than two pairs, or when every difference is equal (no spread)
     pairs: int
 
-    @property
-    def verdict(self) -> str:
-        """'holds' (a significantly better), 'does not hold' (significantly worse) or 'not significant'."""
-        if not self.p_value < ALPHA:
-            return "not significant"
-        return "holds" if self.mean_difference > 0 else "does not hold"
+
+def verdict(difference_in_claimed_direction: float, adjusted_p_value: float) -> str:
+    """'holds' (significant in the claimed direction), 'does not hold' (significant against it) or 'not
+    significant'; `adjusted_p_value` is the claim's Holm-adjusted p within its family, never the raw p."""
+    if not adjusted_p_value < ALPHA:
+        return "not significant"
+    return "holds" if difference_in_claimed_direction > 0 else "does not hold"
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:

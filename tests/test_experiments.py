@@ -274,6 +274,18 @@ def test_report_re_renders_in_another_convention_without_training(finished_pair,
     rewrite_report(str(root))  # back to the default for the tests that follow
 
 
+def test_claims_prints_one_table_across_experiment_dirs(finished_pair, capsys):
+    root, _ = finished_pair
+    experiments_main(["claims", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    summary = json.loads((root / "summary.json").read_text())
+    seg = summary["claims"][0]
+    assert len(lines) == 2 + 2  # header, rule, one line per endpoint
+    assert lines[2].startswith(f"| {root.name} | Auxi beats Joint, on seg (paper Table 0) | miou "
+                               f"{seg['mean_difference'] * 100:+.2f} ± {seg['half_width'] * 100:.2f} points |")
+    assert lines[2].endswith(f"| {seg['holm_p_value']:.3f} ({seg['p_value']:.3f}) | {seg['verdict']} |")
+
+
 def test_report_bad_inputs_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         experiments_main(["report", str(tmp_path), "--delta_m=mean"])
@@ -283,6 +295,9 @@ def test_report_bad_inputs_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no experiment.json" in err[0]
     assert not (tmp_path / "nothing").exists()
+    with pytest.raises(SystemExit):
+        experiments_main(["claims", str(tmp_path)])
+    assert "no summary.json; expected an experiment dir that has reported" in capsys.readouterr().err
 
 
 def test_re_running_a_finished_experiment_trains_nothing(finished_pair, data_dir, monkeypatch):

@@ -5,19 +5,23 @@ variants against the first one. Re-running continues an interrupted experiment; 
 trained again.
 
 `python -m auxmtl_jax.experiments report DIR [--delta_m=CONVENTION]` renders DIR's report again from its
-finished runs (or its summary.json) and trains nothing."""
+finished runs (or its summary.json) and trains nothing. `python -m auxmtl_jax.experiments claims DIR...` prints
+one table of the paper's claims across experiment dirs (their summary.json)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Sequence
 
+from etils import epath
+
 from auxmtl_jax import errors
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax.errors import UserError
-from auxmtl_jax.experiments import EXPERIMENTS, rewrite_report, run_and_report, runner
+from auxmtl_jax.experiments import EXPERIMENTS, report, rewrite_report, run_and_report, runner
 from auxmtl_jax.experiments.definitions import variants_experiment
 
 DELTA_M_HELP = (f"Δm%% convention of the report: {', '.join(metrics_lib.DELTA_M_CONVENTIONS)} (default "
@@ -42,6 +46,28 @@ def _report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--delta_m", choices=metrics_lib.DELTA_M_CONVENTIONS, default=metrics_lib.DELTA_M_DEFAULT,
                         help=DELTA_M_HELP)
     return parser
+
+
+def _claims_parser() -> argparse.ArgumentParser:
+    parser = errors.ArgumentParser(prog="python -m auxmtl_jax.experiments claims",
+                                   description="One Markdown table of the claims across experiment dirs.")
+    parser.add_argument("dirs", nargs="+", help="experiment dirs with a summary.json")
+    parser.add_argument("--family", choices=("paper", "beyond the paper"), default="paper")
+    return parser
+
+
+def print_claims(dirs: Sequence[str], family: str) -> None:
+    summaries = {}
+    for directory in dirs:
+        path = epath.Path(directory) / report.SUMMARY_FILE
+        if not path.exists():
+            raise UserError(f"{directory}: no {report.SUMMARY_FILE}; expected an experiment dir that has reported")
+        record = json.loads(path.read_text())
+        if "family" not in (record.get("claims") or [{}])[0]:
+            raise UserError(f"{path}: written before claims had endpoints; expected it rendered again with "
+                            "`python -m auxmtl_jax.experiments report DIR`")
+        summaries[epath.Path(directory).name] = record
+    print(report.claims_table(summaries, family), end="")
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -72,12 +98,16 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    rendering = bool(argv) and argv[0] == "report"
-    args = _report_parser().parse_args(argv[1:]) if rendering else _run_parser().parse_args(argv)
+    command = argv[0] if argv and argv[0] in ("report", "claims") else "run"
+    parsers = {"report": _report_parser, "claims": _claims_parser, "run": _run_parser}
+    args = parsers[command]().parse_args(argv[1:] if command != "run" else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("auxmtl_jax").setLevel(logging.INFO)
     with errors.reported_as_one_line(args.verbose):
-        if rendering:
+        if command == "claims":
+            print_claims(args.dirs, args.family)
+            return
+        if command == "report":
             written = rewrite_report(args.dir, delta_m=args.delta_m)
         else:
             runner.use_compilation_cache(args.workdir)

@@ -262,6 +262,26 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
     return "\n".join(lines) + "\n"
 
 
+def claims_table(summaries: Mapping[str, Mapping], family: str = "paper") -> str:
+    """One Markdown table of the claims of `family` across experiment summaries {experiment dir name: summary}:
+    claim, endpoint, difference ± 95% t half-width, Holm p (raw p), verdict."""
+    lines = ["| experiment | claim (source) | difference, first − second | Holm p (raw p) | verdict |",
+             "|---|---|---|---|---|"]
+    for name, record in summaries.items():
+        for claim in record["claims"]:
+            if claim["family"] != family:
+                continue
+            task, metric = claim["endpoint"].split("/")
+            scale, unit = _scale(metric)
+            digits = 4 if task == "depth" and metric not in metrics_lib.FRACTION_METRICS else 2
+            half = ("n/a" if math.isnan(claim["half_width"])
+                    else f"{claim['half_width'] * scale:.{digits}f}")
+            lines.append(f"| {name} | {claim['statement']} ({claim['source']}) | {metric} "
+                         f"{claim['mean_difference'] * scale:+.{digits}f} ± {half}{unit} | "
+                         f"{_p(claim['holm_p_value'])} ({_p(claim['p_value'])}) | {claim['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def fig3_intervals(experiment: Experiment, results: Results, x: str = "segmentation/miou",
                    y: str = "depth/abs_err") -> Figure:
     """Paper Fig. 3 with error bars: each multi-task run at its mean (x, y), bars = 95% t-intervals; the

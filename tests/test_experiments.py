@@ -354,7 +354,8 @@ def test_a_killed_experiment_resumes_to_the_uninterrupted_result(finished_pair, 
 def test_variants_experiment_compares_every_variant_with_the_first():
     experiment = variants_experiment({"joint": "strategy=joint", "auxi": "strategy=auxi_all", "ds": "strategy=kendall"})
     assert experiment.singles == {"segmentation": "joint", "depth": "joint", "normal": "joint"}
-    assert [(claim.first, claim.second) for claim in experiment.claims] == [("auxi", "joint")] * 3 + [("ds", "joint")] * 3
+    pairs = [(claim.first, claim.second) for claim in experiment.claims]
+    assert pairs == [("auxi", "joint")] * 3 + [("ds", "joint")] * 3
     assert {claim.family for claim in experiment.claims} == {BEYOND_THE_PAPER}
     with pytest.raises(UserError, match="expected at least two"):
         variants_experiment({"joint": "strategy=joint"})

@@ -235,8 +235,8 @@ def test_format_table_by_hand():
     lines = table.splitlines()
     assert len(lines) == 5 and len({len(line) for line in lines}) == 1
     assert lines[0].split(' | ')[1].strip() == 'segmentation'
-    assert lines[1].split() == ['|', 'miou%↑', 'pixel_acc%↑', '|', 'abs_err↓', 'rel_err↓', '|', 'median↓', '|',
-                                'Δm%↑']
+    assert lines[1].split() == ['|', 'miou%↑', 'pixel_acc%↑', '|', 'abs_err↓', 'rel_err↓', '|', 'median↓',
+                                '|', 'Δm%↑']
     # joint: segmentation (+25 + 0) / 2, depth (-22.468 + 0) / 2 -> +0.63 (per_task); auxi_all: segmentation only
     assert lines[3].split() == ['joint', '|', '25.00', '50.00', '|', '0.6123', '0.2000', '|', '-', '|', '+0.63']
     assert lines[4].split() == ['auxi_all', '|', '30.00', '55.00', '|', '-', '-', '|', '15.50', '|', '+30.00']

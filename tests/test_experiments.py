@@ -399,3 +399,25 @@ def test_report_re_renders_a_summary_written_before_every_metric_was_kept(tmp_pa
     assert "delta_m" not in summary["runs"]["auxi"] and summary["results"]["auxi"]["1"]["depth"] == {"abs_err": 0.60}
     text = (tmp_path / "report.md").read_text()
     assert "Not computable here" in text and "| Auxi | 32.50 ± 19.06 | 0.5950 ± 0.0635 | – |" in text
+
+
+def _gradient_lines(main, aux, layers=("stem/conv/kernel", "block9/conv/kernel")):
+    """metrics.jsonl train lines whose grad_main / grad_aux are `main[i]` / `aux[i]` at step 10 (i + 1)."""
+    return [{"step": 10 * (i + 1), "kind": "train", **{f"grad_main/{layer}": m for layer in layers},
+             **{f"grad_aux/{layer}": a for layer in layers}} for i, (m, a) in enumerate(zip(main, aux))]
+
+
+def test_fig5_numbers_compare_main_loss_gradients_seed_by_seed():
+    from auxmtl_jax.experiments import gradients
+
+    joint = [_gradient_lines([2.0, 4.0], [0.0, 0.0]), _gradient_lines([1.0, 1.0], [0.0, 0.0])]
+    auxi = [_gradient_lines([1.0, 2.0], [3.0, 3.0]), _gradient_lines([1.0, 2.0], [0.5, 1.0])]
+    numbers = gradients.gradient_numbers(joint, auxi)
+    # per seed, time means: Joint 3 and 1, Auxi 1.5 and 1.5 -> ratios 0.5 and 1.5; aux / main: 2 and 0.5
+    entry = numbers["all layers"]
+    assert entry["joint_main"] == pytest.approx(2.0) and entry["auxi_main"] == pytest.approx(1.5)
+    assert entry["ratio"] == pytest.approx(1.0) and entry["aux_over_main"] == pytest.approx(1.25)
+    assert entry["ratio_half_width"] == pytest.approx(stats.t_interval([0.5, 1.5])[1])
+    assert numbers["stem/conv/kernel"] == entry and entry["seeds"] == 2
+    with pytest.raises(Exception, match="share no logged grad_main layer"):
+        gradients.gradient_numbers(joint, [_gradient_lines([1.0], [1.0], layers=("other/kernel",))] * 2)

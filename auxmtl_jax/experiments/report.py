@@ -124,8 +124,12 @@ def claim_line(experiment: Experiment, result: ClaimResult) -> str:
 
 
 def delta_m_pairs(experiment: Experiment, results: Results, convention: str) -> list[dict]:
-    """The Δm% difference of every pair a claim compares, once per pair: secondary, no verdict."""
-    pairs = list(dict.fromkeys((claim.first, claim.second) for claim in experiment.claims))
+    """The Δm% difference of every pair a claim compares, once per pair: secondary, no verdict. Pairs against a
+    single-task reference are left out (their Δm% is 0 by construction: the table's Δm% column says it)."""
+    references = set(experiment.singles.values()) | {run for group in experiment.reference_group.values()
+                                                     for run in group.values()}
+    pairs = list(dict.fromkeys((claim.first, claim.second) for claim in experiment.claims
+                               if claim.second not in references))
     rows = []
     for first, second in pairs:
         test = _paired(experiment, results, first, second, DELTA_M, convention)
@@ -246,7 +250,7 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
         if members:
             lines += ["", f"## {title} ({len(members)} endpoints, one Holm family)", ""]
             lines += [f"- {claim_line(experiment, result)}" for result in members]
-    if not missing:
+    if not missing and record["delta_m_differences"]:
         lines += ["", f"## Δm% differences (secondary, `{convention}`; no verdict)", ""]
     for row in record["delta_m_differences"]:
         first, second = experiment.run(row["first"]).label, experiment.run(row["second"]).label

@@ -87,9 +87,9 @@ def rewrite_report(workdir: str, *, delta_m: str = metrics_lib.DELTA_M_DEFAULT) 
     runs = runner.runs_root(root, record.get("runs_dir"))
     results, seeds = {}, []
     if runs.exists():
-        prefix = f"{experiment.runs[0].name}_seed"
-        candidates = previous["seeds"] if previous else sorted(
-            int(path.name[len(prefix):]) for path in runs.glob(f"{prefix}*") if path.name[len(prefix):].isdigit())
+        prefix = f"{experiment.runs[0].name}_seed"  # seeds finished since the last report count too
+        candidates = sorted(set(previous["seeds"] if previous else ()) | {
+            int(path.name[len(prefix):]) for path in runs.glob(f"{prefix}*") if path.name[len(prefix):].isdigit()})
         configs = runner.run_configs(experiment, runs, seeds=list(candidates), size=record["size"],
                                      dataset=record["dataset"], overrides=record["overrides"])
         found = runner.finished_seeds(experiment, configs, runs, list(candidates))

@@ -107,6 +107,19 @@ def _scale(metric: str) -> tuple[float, str]:
     return 1.0, {"abs_err": " m", "rms": " m", "mean": "°", "median": "°"}.get(metric, "")
 
 
+def _digits(task: str, metric: str) -> int:
+    return 4 if task == "depth" and metric not in metrics_lib.FRACTION_METRICS else 2
+
+
+def format_difference(endpoint: str, mean: float, half_width: float) -> str:
+    """'+0.59 ± 0.50 points' / '-0.0164 ± 0.0373 m': a difference on `endpoint` in its display units."""
+    task, metric = endpoint.split("/")
+    scale, unit = _scale(metric)
+    digits = _digits(task, metric)
+    half = "n/a" if math.isnan(half_width) else f"{half_width * scale:.{digits}f}"
+    return f"{mean * scale:+.{digits}f} ± {half}{unit}"
+
+
 def _p(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3f}"
 
@@ -115,12 +128,10 @@ def claim_line(experiment: Experiment, result: ClaimResult) -> str:
     claim, test = result.claim, result.test
     first, second = experiment.run(claim.first).label, experiment.run(claim.second).label
     task, metric = claim.endpoint.split("/")
-    scale, unit = _scale(metric)
-    digits = 4 if task == "depth" and metric not in metrics_lib.FRACTION_METRICS else 2
-    half = "n/a" if math.isnan(test.half_width) else f"{test.half_width * scale:.{digits}f}"
     return (f"{claim.statement} ({claim.source}) — **{result.verdict}** (Holm p = {_p(result.holm_p_value)}; "
             f"raw p = {_p(test.p_value)}): {task} {metric} of {first} − {second} = "
-            f"{test.mean_difference * scale:+.{digits}f} ± {half}{unit} (95% t half-width, {test.pairs} paired seeds)")
+            f"{format_difference(claim.endpoint, test.mean_difference, test.half_width)} (95% t half-width, "
+            f"{test.pairs} paired seeds)")
 
 
 def delta_m_pairs(experiment: Experiment, results: Results, convention: str) -> list[dict]:
@@ -213,7 +224,7 @@ def _table(experiment: Experiment, results: Results, keys: Sequence[tuple[str, s
         for task, metric in keys:
             values = list(per_seed(experiment, results, run.name, f"{task}/{metric}").values())
             scale = 100.0 if metric in metrics_lib.FRACTION_METRICS else 1.0
-            digits = 4 if task == "depth" and metric not in metrics_lib.FRACTION_METRICS else 2
+            digits = _digits(task, metric)
             cells.append(_cell(values, scale, digits))
         cells.append(_cell(list(delta_m_per_seed(experiment, results, run.name, convention).values()))
                      if convention else "–")
@@ -275,13 +286,9 @@ def claims_table(summaries: Mapping[str, Mapping], family: str = "paper") -> str
         for claim in record["claims"]:
             if claim["family"] != family:
                 continue
-            task, metric = claim["endpoint"].split("/")
-            scale, unit = _scale(metric)
-            digits = 4 if task == "depth" and metric not in metrics_lib.FRACTION_METRICS else 2
-            half = ("n/a" if math.isnan(claim["half_width"])
-                    else f"{claim['half_width'] * scale:.{digits}f}")
-            lines.append(f"| {name} | {claim['statement']} ({claim['source']}) | {metric} "
-                         f"{claim['mean_difference'] * scale:+.{digits}f} ± {half}{unit} | "
+            metric = claim["endpoint"].split("/")[1]
+            difference = format_difference(claim["endpoint"], claim["mean_difference"], claim["half_width"])
+            lines.append(f"| {name} | {claim['statement']} ({claim['source']}) | {metric} {difference} | "
                          f"{_p(claim['holm_p_value'])} ({_p(claim['p_value'])}) | {claim['verdict']} |")
     return "\n".join(lines) + "\n"
 

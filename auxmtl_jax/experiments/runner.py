@@ -218,7 +218,6 @@ def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Seq
     configs = run_configs(experiment, runs, seeds=seeds, size=size, dataset=dataset, overrides=overrides)
     variants = ({run.name: run.variant for run in experiment.runs} if experiment.name == "variants" else None)
     check_experiment_dir(root, experiment_record(experiment, size, dataset, overrides, runs_dir, variants))
-    timing = _read_timing(runs)
     results: dict[str, dict[int, dict]] = {run.name: {} for run in experiment.runs}
     for seed in seeds:
         for run in experiment.runs:

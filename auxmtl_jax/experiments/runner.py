@@ -215,6 +215,9 @@ def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Seq
     root, runs = epath.Path(root), runs_root(root, runs_dir)
     if not seeds:
         raise UserError("--seeds: expected at least one seed")
+    if runs.exists() and not runs.is_dir():
+        raise UserError(f"--runs_dir={runs}: not a directory; expected a folder for the run workdirs (created if "
+                        "missing)")
     configs = run_configs(experiment, runs, seeds=seeds, size=size, dataset=dataset, overrides=overrides)
     variants = ({run.name: run.variant for run in experiment.runs} if experiment.name == "variants" else None)
     check_experiment_dir(root, experiment_record(experiment, size, dataset, overrides, runs_dir, variants))

@@ -1,4 +1,4 @@
-r"""Trains and evaluates a multi-task network with auxiliary modules (flags only; the work is in auxmtl_jax.train).
+r"""Trains and evaluates a multi-task network with auxiliary modules (flags only; the work is in auxmtl_jax.programs).
 
   python run.py --config=configs/sunrgbd_three_task.py --workdir=workdirs/sunrgbd
   python run.py --config=configs/nyuv2_two_task.py:strategy=auxi:depth,decoder=context --workdir=workdirs/nyu_ctx
@@ -17,7 +17,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from auxmtl_jax import errors
-from auxmtl_jax import train
+from auxmtl_jax import programs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.",
                                           lock_config=True)
@@ -33,7 +33,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step of their work at INFO
     std_logging.getLogger("auxmtl_jax").setLevel(std_logging.INFO)
     with errors.reported_as_one_line(_VERBOSE.value):
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        programs.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,7 @@
-"""Checkpoints, workdir bookkeeping and the inference export.
+"""Checkpoints, loading another run's weights, and the inference export (file names: `workdir`).
 
 - `Checkpointer`: orbax, asynchronous, keep-last-N; saves the train state and every process's data-iterator
   state together, so re-running the same command on the same workdir resumes exactly, on one host or several.
-- `check_workdir_config`: a workdir remembers its config (config.json); resuming with a different one fails with
-  the list of differing keys and the two ways on, unless `accept_changed_keys` names them (the change is then
-  recorded in config.json under `config_changes`).
 - `load_init_variables`: another run's variables cut to a scope (encoder, whole network, `main`, with aux
   modules), for the paper's Prior strategy and pre-train -> fine-tune.
 - `export_inference`: WORKDIR/inference/ = `main` params + batch_stats + model config, nothing train-only.
@@ -16,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import shutil
 import uuid
@@ -28,30 +24,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
-from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax.errors import MissingInputError, UserError
+from auxmtl_jax.workdir import (CHECKPOINT_DIR, DAMAGED_DIR, INFERENCE_CONFIG, INFERENCE_DIR, INFERENCE_VARIABLES,
+                               INTEGRITY_DIR, to_jsonable, write_text_atomic)
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-INFERENCE_DIR = "inference"
-INFERENCE_VARIABLES = "main_variables.msgpack"
-INFERENCE_CONFIG = "model.json"
 log = logging.getLogger("auxmtl_jax")
 
-CONFIG_CHANGES_KEY = "config_changes"
 DATA_ITEM = "input_iterators"
-INTEGRITY_DIR = "checkpoint_integrity"  # <step>.json: size and SHA-256 of each file of that checkpoint
 INTEGRITY_FORMAT = "auxmtl_jax.checkpoint_integrity/1"
-DAMAGED_DIR = "checkpoints_damaged"  # damaged checkpoints are moved here, never deleted
-
-# Config keys that may change between a run and its resumption: they do not change the trained weights
-# (`num_devices` changes them only by float rounding, see README "Data parallelism"), or only what is reported.
-RESUMABLE_KEYS = (
-    "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
-    "input.num_workers", "dataset.data_dir", "dataset.manual_dir", "dataset.prepare", "analysis.figures",
-    "distributed.", "runs", "num_devices", "reference_results", "accept_changed_keys", CONFIG_CHANGES_KEY,
-)
-
 
 def _process_file_name(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"
@@ -181,7 +161,7 @@ class Checkpointer:
             if step in kept and jax.process_index() == 0:
                 self.integrity_dir.mkdir(parents=True, exist_ok=True)
                 record = {"format": INTEGRITY_FORMAT, "step": step, "files": file_digests(self.directory / str(step))}
-                _write_text_atomic(self._record_path(step), json.dumps(record, indent=1) + "\n")
+                write_text_atomic(self._record_path(step), json.dumps(record, indent=1) + "\n")
         self._unrecorded = []
         if jax.process_index() == 0 and self.integrity_dir.exists():
             for path in self.integrity_dir.glob("*.json"):  # records of steps orbax has since deleted
@@ -279,111 +259,6 @@ class Checkpointer:
 
 class _DamagedCheckpoint(Exception):
     """An unverified checkpoint that does not restore."""
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a.b': value} view of a nested config, tuples as lists (as JSON stores them)."""
-    flat = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and key not in ("runs", "reference_results"):
-            flat.update(flatten_config(value, path + "."))
-        else:
-            flat[path] = json.loads(json.dumps(value, default=_jsonable))
-    return flat
-
-
-def _jsonable(value):
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return str(value)
-
-
-def config_to_json(config) -> str:
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.dumps(data, indent=2, sort_keys=True, default=_jsonable)
-
-
-def check_workdir_config(workdir: epath.Path, config, *, resume_step: int | None = None) -> None:
-    """Records the config in a fresh workdir; in one with checkpoints, requires the same config.
-
-    Keys listed in `config.accept_changed_keys` (comma-separated dotted keys or `prefix.` groups) may differ:
-    the run continues from its last checkpoint with the new values, and config.json records the change
-    (`config_changes`: step, key, old and new value) next to the new config.
-    """
-    workdir = epath.Path(workdir)
-    path = workdir / CONFIG_FILE
-    current = json.loads(config_to_json(config))
-    has_checkpoints = (workdir / CHECKPOINT_DIR).exists() and any((workdir / CHECKPOINT_DIR).iterdir())
-    accepted = parse_accepted_keys(config.get("accept_changed_keys"), flatten_config(current))
-    history = []
-    if path.exists() and has_checkpoints:
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError as error:
-            raise UserError(f"{path} is not valid JSON ({error}); expected the config of the run in this workdir.")
-        history = list(saved.get(CONFIG_CHANGES_KEY, []))
-        differing = _differing_keys(flatten_config(saved), flatten_config(current))
-        refused = [item for item in differing if not _is_accepted(item[0], accepted)]
-        if refused:
-            raise UserError(_refusal_message(workdir, refused, resume_step))
-        if differing:
-            history.append({"step": resume_step, "changes": {key: [old, new] for key, old, new in differing}})
-    if history:
-        current[CONFIG_CHANGES_KEY] = history
-    if jax.process_index() == 0:
-        _write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
-
-
-def parse_accepted_keys(text: str | None, config_keys: Mapping[str, Any]) -> tuple[str, ...]:
-    """'optimizer.learning_rate, aux.' -> ('optimizer.learning_rate', 'aux.'); each must name config keys."""
-    accepted = tuple(part.strip() for part in (text or "").split(",") if part.strip())
-    for key in accepted:
-        if not any(_is_accepted(config_key, (key,)) for config_key in config_keys):
-            raise UserError(f"config.accept_changed_keys names {key!r}, which is no config key; expected "
-                             "comma-separated dotted keys such as 'optimizer.learning_rate' or groups such as "
-                             "'optimizer.'.")
-    return accepted
-
-
-def _is_accepted(key: str, accepted: tuple[str, ...]) -> bool:
-    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in accepted)
-
-
-def _refusal_message(workdir: epath.Path, differing: list[tuple[str, Any, Any]], resume_step: int | None) -> str:
-    details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing[:12])
-    keys = ",".join(key for key, _, _ in differing)
-    where = f"its last checkpoint (step {resume_step})" if resume_step else "its last checkpoint"
-    return (f"Workdir {workdir} holds checkpoints of a run with another config ({details}); expected the config it "
-            f"was started with, or continue from {where} with the new values: "
-            f"--config.accept_changed_keys={keys} (recorded in {workdir / CONFIG_FILE}), or start a new run from "
-            f"it: --workdir=NEW_WORKDIR --config.init_from.path={workdir} --config.init_from.scope=main.")
-
-
-# Config keys added after runs may have been started, with the value that reproduces the behaviour from before
-# them: a workdir whose config.json lacks such a key resumes when the key has that value.
-ADDED_KEYS = {"init_from.base_lr_scale": 1.0, "optimizer.schedule": "poly", "model.pretrained_required": False,
-              "search.devices": 0}
-ADDED_KEYS.update({f"weighting.{key}": value
-                   for key, value in flatten_config(weighting_lib.DEFAULT_OPTIONS).items()})
-
-
-def _differing_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    keys = sorted(set(saved) | set(current))
-
-    def added_as_before(key: str) -> bool:
-        return key not in saved and key in ADDED_KEYS and current.get(key) == ADDED_KEYS[key]
-
-    return [(key, saved.get(key), current.get(key)) for key in keys
-            if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_KEYS) and not added_as_before(key)]
-
-
-def _write_text_atomic(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 INIT_SCOPES = ("encoder", "network", "main", "all")
@@ -503,7 +378,7 @@ def export_inference(workdir: epath.Path, main_variables: Mapping[str, Any], mod
     try:
         host_variables = jax.tree.map(np.asarray, dict(main_variables))
         (tmp / INFERENCE_VARIABLES).write_bytes(serialization.msgpack_serialize(host_variables))
-        (tmp / INFERENCE_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True, default=_jsonable))
+        (tmp / INFERENCE_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True, default=to_jsonable))
         if final.exists():
             old = epath.Path(workdir) / f".{INFERENCE_DIR}.{uuid.uuid4().hex}.old"
             final.rename(old)

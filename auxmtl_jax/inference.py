@@ -26,6 +26,7 @@ import numpy as np
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import errors
+from auxmtl_jax.analysis import figures
 from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models import MultiTaskModel, build_model
 
@@ -114,8 +115,6 @@ def _as_uint8_rgb(image, path) -> np.ndarray:
 
 def colour_outputs(outputs: dict[str, np.ndarray], num_classes: int | None) -> dict[str, np.ndarray]:
     """One uint8 RGB image per task for a single example: class colours, a depth colour map, normals as RGB."""
-    from auxmtl_jax.analysis import figures
-
     coloured = {}
     if "segmentation" in outputs:
         coloured["segmentation"] = figures.colorize_segmentation(outputs["segmentation"], num_classes)

@@ -32,10 +32,10 @@ from PIL import Image
 
 from auxmtl_jax import errors
 from auxmtl_jax.errors import MissingInputError, UserError
+from auxmtl_jax.tasks import TASK_NAMES
 
 log = logging.getLogger("auxmtl_jax")
 KNOWN_DATASETS = ("synthetic_scenes", "nyu_v2", "sunrgbd")
-TASKS = ("segmentation", "depth", "normal")
 IGNORE_LABEL = 255
 _STATE_VERSION = 1
 
@@ -172,8 +172,8 @@ def dataset_info(dataset_cfg) -> DatasetInfo:
 def check_tasks(info: DatasetInfo, tasks: Sequence[str]) -> tuple[str, ...]:
     """Returns `tasks` as a tuple, raising ValueError for any task unknown or not provided by the dataset."""
     for task in tasks:
-        if task not in TASKS:
-            raise UserError(f"Unknown task {task!r}; expected one of {TASKS}.")
+        if task not in TASK_NAMES:
+            raise UserError(f"Unknown task {task!r}; expected one of {TASK_NAMES}.")
         if task not in info.tasks:
             raise UserError(f"Dataset {info.name!r} has no task {task!r}; it provides {list(info.tasks)}.")
     return tuple(tasks)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from auxmtl_jax.errors import UserError
 
-TASK_NAMES = ('segmentation', 'depth', 'normal')
+TASK_NAMES = ("segmentation", "depth", "normal")  # the one list of tasks the library knows
 SEGMENTATION_IGNORE_LABEL = 255
 _FIXED_CHANNELS = {'depth': 1, 'normal': 3}
 _NORM_FLOOR = 1e-12

@@ -1,6 +1,6 @@
 r"""Train and inference images/s of our JAX network against its PyTorch twin, eager and ``torch.compile``d.
 
-One process builds, for every (mode, strategy, dtype) row, three runners: ours (``auxmtl_jax.train.train_step``
+One process builds, for every (mode, strategy, dtype) row, three runners: ours (``auxmtl_jax.training.train_step``
 jitted, or ``model.predict`` jitted), the twin of benchmarks/torch_twin.py in eager mode, and the twin through
 ``torch.compile``. Timing blocks are interleaved over all runners (A, B, C, A, B, C, ...) and the median block
 is reported, so the ratios hold on a noisy machine. Inference runs ``main`` alone, which is the same network for
@@ -177,9 +177,9 @@ def load_config(spec: str):
 
 def row_config(base, strategy: str, dtype: str, size: int, batch: int):
     """The base config with a strategy, compute dtype, input size and batch; one device."""
-    from auxmtl_configs import common
+    from auxmtl_jax import variants
 
-    config = common.apply_strategy(copy.deepcopy(base), strategy)
+    config = variants.apply_strategy(copy.deepcopy(base), strategy)
     config.model.dtype = dtype
     config.input.crop_size = (size, size)
     config.batch_size = batch
@@ -231,7 +231,7 @@ class Runner:
 
 
 def ours_train_block(config, num_classes: int, batch) -> Callable[[int], float]:
-    """Our real training step (``train.train_step`` jitted with donation), compiled and warmed up."""
+    """Our real training step (``training.train_step`` jitted with donation), compiled and warmed up."""
     import jax
 
     from auxmtl_jax import parallel, train
@@ -263,7 +263,7 @@ def ours_infer_block(config, num_classes: int, batch) -> Callable[[int], float]:
     """Our inference (``model.predict``: ``main`` alone, eval mode) jitted, compiled and warmed up."""
     import jax
 
-    from auxmtl_jax import train
+    from auxmtl_jax import training as train
 
     model = train.create_model(config, num_classes)
     variables = train.init_variables(model, jax.random.key(config.seed))
@@ -310,7 +310,7 @@ def _build_twin(config, num_classes: int, device, channels_last: bool):
     import torch
 
     import torch_twin
-    from auxmtl_jax import train
+    from auxmtl_jax import training as train
 
     twin = torch_twin.build_twin_from_config(config, train.task_channels(config.tasks, num_classes)).to(device)
     return twin.to(memory_format=torch.channels_last) if channels_last else twin

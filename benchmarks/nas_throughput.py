@@ -26,7 +26,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from auxmtl_jax import input_pipeline
-from auxmtl_jax import train as train_lib
+from auxmtl_jax import metrics as metrics_lib
+from auxmtl_jax import training as train_lib
 from auxmtl_jax.models import build_model
 from auxmtl_jax.nas import genotype_from_json_dict
 from auxmtl_jax.nas import ppo as ppo_lib
@@ -75,11 +76,11 @@ def time_naive(config, genotypes) -> list[float]:
             state, metrics = step(state, next(batches))
         batches.close()
         evaluate = jax.jit(functools.partial(train_lib.eval_step, model=model))
-        metric_state = train_lib.metrics_lib.init_state(tuple(config.tasks), dataset.num_classes)
+        metric_state = metrics_lib.init_state(tuple(config.tasks), dataset.num_classes)
         for batch in input_pipeline.create_eval_dataset(val_cfg, config.input, tasks=tuple(config.tasks),
                                                         global_batch_size=config.eval_batch_size):
             metric_state = evaluate(train_lib.main_variables(state), metric_state, batch)
-        reward_lib.reward(train_lib.metrics_lib.compute(metric_state))
+        reward_lib.reward(metrics_lib.compute(metric_state))
         seconds.append(time.perf_counter() - start)
     return seconds
 

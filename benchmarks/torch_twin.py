@@ -39,7 +39,8 @@ from auxmtl_jax.models import (AGGREGATES, DECODERS, DEFAULT_HEAD_CHANNELS, DEFA
 from auxmtl_jax.models.decoders import aspp_rates
 from auxmtl_jax.models.encoders import (StageSpec, encoder_stages, mobilenet_v2_blocks, resnet50_blocks,
                                         resnet_stem_channels)
-from auxmtl_jax.models.layers import FIXED_TASK_CHANNELS, TASK_NAMES
+from auxmtl_jax.models.layers import FIXED_TASK_CHANNELS
+from auxmtl_jax.tasks import TASK_NAMES
 from auxmtl_jax.tasks import SEGMENTATION_IGNORE_LABEL
 
 ADAPTORS = tuple(OPERATIONS)

@@ -28,8 +28,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from auxmtl_configs import common
-from auxmtl_jax import parallel, train
+from auxmtl_jax import parallel, variants
+from auxmtl_jax import training as train
 from auxmtl_jax import weighting as weighting_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with optional ':variant'.")
@@ -67,9 +67,9 @@ class Prepared(NamedTuple):
 
 
 def prepare(config, strategy: str, num_classes: int, weighting: str = "equal") -> Prepared:
-    """Creates the train state and compiles the real training step (`train.train_step`) for one strategy and
+    """Creates the train state and compiles the real training step (`training.train_step`) for one strategy and
     loss weighting."""
-    config = common.apply_strategy(copy.deepcopy(config), strategy)
+    config = variants.apply_strategy(copy.deepcopy(config), strategy)
     config.loss_weighting = weighting
     model = train.create_model(config, num_classes)
     mesh = parallel.create_mesh(config.get("num_devices"))

@@ -8,6 +8,7 @@ r"""NYUv2 three tasks in the mtan layout (288x384, 13 classes + depth + normals)
 """
 
 from auxmtl_configs import common
+from auxmtl_jax import variants
 
 
 def get_config(arg=None):
@@ -21,7 +22,7 @@ def get_config(arg=None):
     config.model.decoder = "ushape"
     config.num_train_steps = 40_000
     config.eval_every_steps = 5_000
-    common.apply_strategy(config, "auxi_all")
+    variants.apply_strategy(config, "auxi_all")
     if runlocal:
         common.make_runlocal(config)
-    return common.apply_variant(config, arg)
+    return variants.apply_variant(config, arg)

@@ -13,6 +13,7 @@ Every run needs --config.model.encoder_init=<ImageNet weight file> (or =scratch)
 """
 
 from auxmtl_configs import common
+from auxmtl_jax import variants
 
 
 def get_config(arg=None):
@@ -26,10 +27,10 @@ def get_config(arg=None):
     config.model.decoder = "ushape"
     config.num_train_steps = 30_000
     config.eval_every_steps = 5_000
-    common.apply_strategy(config, "auxi_all")
+    variants.apply_strategy(config, "auxi_all")
     if runlocal:
         common.make_runlocal(config)
-    common.apply_variant(config, arg)
-    if common.parse_variant(arg).get("encoder") == "resnet50" and "decoder" not in common.parse_variant(arg):
+    variants.apply_variant(config, arg)
+    if variants.parse_variant(arg).get("encoder") == "resnet50" and "decoder" not in variants.parse_variant(arg):
         config.model.decoder = "ocnet"  # paper Sec. 4.5 / Table 3: ResNet-50 with OCNet task decoders
     return config

@@ -13,6 +13,7 @@ Strategies: single:<task>, joint, kendall, deep_supervision[:<task>], prior:<wor
 """
 
 from auxmtl_configs import common
+from auxmtl_jax import variants
 
 
 def get_config(arg=None):
@@ -25,7 +26,7 @@ def get_config(arg=None):
     config.model.decoder = "ushape"
     config.num_train_steps = 80_000
     config.eval_every_steps = 10_000
-    common.apply_strategy(config, "auxi_all")
+    variants.apply_strategy(config, "auxi_all")
     if runlocal:
         common.make_runlocal(config)
-    return common.apply_variant(config, arg)
+    return variants.apply_variant(config, arg)

@@ -12,13 +12,14 @@ encoder then starts every run of an experiment (decoders and aux modules start f
 """
 
 from auxmtl_configs import common, synthetic_three_task
+from auxmtl_jax import variants
 
 
 def get_config(arg=None):
     """Pretraining config; `arg` may be `runlocal`."""
     runlocal, arg = common.split_runlocal(arg)
     config = synthetic_three_task.get_config("runlocal" if runlocal else None)
-    common.apply_variant(config, "strategy=joint,decoder=baseline")
+    variants.apply_variant(config, "strategy=joint,decoder=baseline")
     config.runs = None
     config.name = "encoder_start"
     config.analysis.figures = False
@@ -27,4 +28,4 @@ def get_config(arg=None):
         config.dataset.config = "demo_pretrain"
         config.num_train_steps = config.eval_every_steps = 1500
         config.checkpoint_every_steps = 500
-    return common.apply_variant(config, arg)
+    return variants.apply_variant(config, arg)

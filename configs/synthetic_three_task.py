@@ -17,6 +17,7 @@ A searched (or hand-written) Auxi-NAS genotype instead of the basic aux module:
 """
 
 from auxmtl_configs import common
+from auxmtl_jax import variants
 
 
 def get_config(arg=None):
@@ -54,4 +55,4 @@ def get_config(arg=None):
         config.log_every_steps = config.analysis.grad_log_every_steps = 2
     if arg:
         config.runs = None
-    return common.apply_variant(config, arg)
+    return variants.apply_variant(config, arg)

@@ -23,7 +23,7 @@ jax.config.update("jax_compilation_cache_dir", os.environ.get(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from auxmtl_configs import synthetic_three_task  # noqa: E402
-from auxmtl_jax import input_pipeline, train  # noqa: E402
+from auxmtl_jax import input_pipeline, programs  # noqa: E402
 
 NUM_TRAIN_STEPS = 6
 
@@ -73,7 +73,7 @@ def main(argv):
     if kill_at:
         create = input_pipeline.create_train_iterator
         input_pipeline.create_train_iterator = lambda *a, **k: KillSelfAt(create(*a, **k), kill_at)
-    train.train_and_evaluate(worker_config(process_id, num_processes, port, data_dir), workdir)
+    programs.run(worker_config(process_id, num_processes, port, data_dir), workdir)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ LAYERS = ("stem/conv/kernel", "block1/expand/conv/kernel", "block2/project/conv/
 
 
 def _write_run(workdir, *, tasks, aux_scale, results=None, steps=12, grad_every=2):
-    """A metrics.jsonl (and optionally results.json) in the exact format train.py writes."""
+    """A metrics.jsonl (and optionally results.json) in the exact format a training run writes."""
     workdir.mkdir(parents=True)
     lines = []
     for step in range(1, steps + 1):

@@ -24,8 +24,7 @@ from PIL import Image
 
 from auxmtl_configs import synthetic_three_task
 from auxmtl_jax import errors
-from auxmtl_jax import errors
-from auxmtl_jax import train
+from auxmtl_jax import programs
 from test_nyu_v2 import _write_mtan
 from test_pretrained import torchvision_mobilenet_v2_state_dict
 
@@ -54,7 +53,7 @@ def inputs(tmp_path_factory) -> Inputs:
     config = synthetic_three_task.get_config("runlocal,strategy=joint")
     config.dataset.data_dir = str(data_dir)  # otherwise the config `python run.py` gets, so resuming is allowed
     trained = root / "trained"
-    train.train_and_evaluate(config, str(trained))
+    programs.run(config, str(trained))
     files = root / "files"
     _write_bad_files(files)
     made = Inputs(root, data_dir, trained, files)

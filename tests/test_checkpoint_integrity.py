@@ -10,7 +10,7 @@ import pytest
 from etils import epath
 
 from auxmtl_jax import checkpoint as checkpoint_lib
-from auxmtl_jax import train
+from auxmtl_jax import programs
 from test_train import tiny_config
 
 STEPS = 6  # checkpoints at 2, 4 and 6
@@ -29,7 +29,7 @@ def config_of(data_dir):
 @pytest.fixture(scope="module")
 def finished_run(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished") / "run"
-    record = train.train_and_evaluate(config_of(data_dir), str(workdir))
+    record = programs.run(config_of(data_dir), str(workdir))
     return workdir, record
 
 
@@ -82,7 +82,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, fini
     shutil.copytree(original, workdir)
     damage(workdir / checkpoint_lib.CHECKPOINT_DIR / str(STEPS))
     caplog.set_level(logging.WARNING, logger="auxmtl_jax")
-    again = train.train_and_evaluate(config_of(data_dir), str(workdir))
+    again = programs.run(config_of(data_dir), str(workdir))
     warnings = [entry.getMessage() for entry in caplog.records if "is damaged" in entry.getMessage()]
     assert len(warnings) == 1 and f"checkpoint step {STEPS} of" in warnings[0]
     assert "\n" not in warnings[0]
@@ -105,7 +105,7 @@ def test_every_checkpoint_damaged_stops_with_one_clear_error(finished_run, data_
         garble(workdir / checkpoint_lib.CHECKPOINT_DIR / str(step))
     results = (workdir / "results.json").read_bytes()
     with pytest.raises(ValueError, match=r"every checkpoint of .* is damaged \(steps \[2, 4, 6\].*fresh --workdir"):
-        train.train_and_evaluate(config_of(data_dir), str(workdir))
+        programs.run(config_of(data_dir), str(workdir))
     assert (workdir / "results.json").read_bytes() == results  # a finished run keeps its results
     assert len(list((workdir / checkpoint_lib.DAMAGED_DIR).iterdir())) == 3
 
@@ -117,7 +117,7 @@ def test_a_checkpoint_without_its_record_restores_unverified(finished_run, data_
     shutil.copytree(original, workdir)
     (workdir / checkpoint_lib.INTEGRITY_DIR / f"{STEPS}.json").unlink()
     caplog.set_level(logging.WARNING, logger="auxmtl_jax")
-    again = train.train_and_evaluate(config_of(data_dir), str(workdir))
+    again = programs.run(config_of(data_dir), str(workdir))
     assert any("has no integrity record" in entry.getMessage() and "restored it unverified" in entry.getMessage()
                for entry in caplog.records)
     assert not (workdir / checkpoint_lib.DAMAGED_DIR).exists()

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auxmtl_jax import train
-from auxmtl_configs import common
+from auxmtl_jax import programs
+from auxmtl_jax import training
+from auxmtl_jax import workdir as workdir_lib
 
 EXAMPLE_GENOTYPE = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "example_three_task.json"
 CONFIG_MODULES = ("synthetic_three_task", "sunrgbd_three_task", "nyuv2_two_task", "nyuv2_three_task")
@@ -44,11 +45,11 @@ def test_paper_configs_use_the_paper_recipe(module):
 def test_paper_configs_stop_without_an_imagenet_encoder_unless_told_scratch(module):
     config = get_config(module)
     with pytest.raises(ValueError, match=r"config\.model\.encoder_init is not set.*encoder_init=scratch"):
-        train.validate_config(config)
+        training.validate_config(config)
     config.model.encoder_init = "scratch"
-    train.validate_config(config)
+    training.validate_config(config)
     assert get_config(module, "runlocal").model.encoder_init == "scratch"  # smoke tests say so explicitly
-    train.validate_config(get_config("synthetic_three_task"))  # the demo trains from scratch by design
+    training.validate_config(get_config("synthetic_three_task"))  # the demo trains from scratch by design
 
 
 def test_the_synthetic_encoder_start_fits_the_cpu_experiments_and_sees_other_scenes():
@@ -56,7 +57,7 @@ def test_the_synthetic_encoder_start_fits_the_cpu_experiments_and_sees_other_sce
     from auxmtl_jax.experiments import EXPERIMENTS, runner
 
     start = get_config("synthetic_pretrain")
-    train.validate_config(start)
+    training.validate_config(start)
     base = runner.base_config(EXPERIMENTS["strategies"], size="cpu", dataset="synthetic_scenes")
     assert (start.model.encoder, start.model.width_multiplier) == (base.model.encoder, base.model.width_multiplier)
     assert start.aux.tasks == () and start.tasks == ("segmentation", "depth", "normal")
@@ -145,7 +146,7 @@ def test_every_strategy_trains_two_steps(module, data_dir, tmp_path):
             strategy = f"prior:{prior_source}"
         config = on_tiny_data(get_config(module, f"runlocal,strategy={strategy}"), data_dir)
         workdir = tmp_path / strategy.split(":")[0]
-        record = train.train_and_evaluate(config, str(workdir))
+        record = programs.run(config, str(workdir))
         assert set(record["metrics"]) == set(config.tasks), strategy
         prior_source = prior_source or str(workdir)
 
@@ -153,7 +154,7 @@ def test_every_strategy_trains_two_steps(module, data_dir, tmp_path):
 @pytest.mark.parametrize("variant", ["decoder=baseline", "decoder=context", "encoder=resnet50"])
 def test_architecture_variants_train_two_steps(variant, data_dir, tmp_path):
     config = on_tiny_data(get_config("nyuv2_two_task", f"runlocal,strategy=auxi_all,{variant}"), data_dir)
-    record = train.train_and_evaluate(config, str(tmp_path))
+    record = programs.run(config, str(tmp_path))
     assert set(record["metrics"]) == {"segmentation", "depth"}
 
 
@@ -165,7 +166,7 @@ def test_shipped_genotypes_fit_the_demo_network(genotype_file):
     from auxmtl_jax import nas
 
     config = get_config("synthetic_three_task", f"strategy=auxi_nas:{genotype_file}")
-    model = train.create_model(config, num_classes=13)
+    model = training.create_model(config, num_classes=13)
     assert model.aux_genotype == nas.load_genotype(genotype_file)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 80, 3), jnp.float32))
     assert set(shapes["params"]["aux"]) == set(nas.load_genotype(genotype_file).tasks)
@@ -184,9 +185,9 @@ def test_auxi_nas_trains_evaluates_resumes_and_keeps_its_genotype(data_dir, tmp_
                           data_dir)
     config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 4, 2, 2
     workdir = tmp_path / "run"
-    record = train.train_and_evaluate(config, str(workdir))
+    record = programs.run(config, str(workdir))
     assert set(record["metrics"]) == set(config.tasks)
-    assert nas.load_genotype(workdir / train.AUX_GENOTYPE) == nas.load_genotype(EXAMPLE_GENOTYPE)
+    assert nas.load_genotype(workdir / workdir_lib.AUX_GENOTYPE) == nas.load_genotype(EXAMPLE_GENOTYPE)
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {f"aux_loss/{task}" for task in config.tasks} <= set().union(*logged)
     assert [line["step"] for line in logged if line["kind"] == "eval"] == [2, 4]
@@ -198,8 +199,8 @@ def test_auxi_nas_trains_evaluates_resumes_and_keeps_its_genotype(data_dir, tmp_
 
     finetune = copy.deepcopy(config)
     finetune.init_from.path, finetune.init_from.scope = str(workdir), "all"
-    model = train.create_model(finetune, num_classes=record_classes(config))
-    state, _ = train.create_train_state(finetune, model, jax.random.key(1), train.run_learning_rate_fn(finetune, 4))
+    model = training.create_model(finetune, num_classes=record_classes(config))
+    state, _ = training.create_train_state(finetune, model, jax.random.key(1), training.run_learning_rate_fn(finetune, 4))
     trained = checkpoint_lib.load_init_variables(str(workdir), "all")
     for got, want in zip(jax.tree.leaves(state.params["aux"]), jax.tree.leaves(trained["params"]["aux"])):
         np.testing.assert_array_equal(np.asarray(got), want)
@@ -210,9 +211,9 @@ def test_auxi_nas_trains_evaluates_resumes_and_keeps_its_genotype(data_dir, tmp_
     config.num_train_steps = 6
     config.accept_changed_keys = "num_train_steps"
     with pytest.raises(ValueError, match=r"trained with the genotype in .*aux_genotype\.json.*different one"):
-        train.train_and_evaluate(config, str(workdir))
+        programs.run(config, str(workdir))
 
     genotype_file.write_text("{}")
     with pytest.raises(nas.GenotypeError, match=r"aux.genotype '.*genotype\.json'|genotype file '.*genotype\.json'"):
-        train.train_and_evaluate(config, str(tmp_path / "never"))
+        programs.run(config, str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()

@@ -13,7 +13,8 @@ import pytest
 from etils import epath
 
 from auxmtl_jax import input_pipeline
-from auxmtl_jax import train
+from auxmtl_jax import training
+from auxmtl_jax.training import loop as training_loop
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import (EXPERIMENTS, Claim, Experiment, Run, report, rewrite_report, run_and_report,
                                     runner, stats)
@@ -148,7 +149,7 @@ def test_every_run_of_every_experiment_builds_a_valid_config(name, tmp_path):
     base = runner.base_config(experiment, size="cpu", dataset="synthetic_scenes")
     for run in experiment.runs:
         config = runner.run_config(experiment, run, 2, base, tmp_path)
-        train.validate_config(config)
+        training.validate_config(config)
         assert config.seed == 2 and config.name == run.name
         for needed in experiment.dependencies(run):
             assert config.init_from.path == str(runner.run_workdir(tmp_path, needed, 2).absolute())
@@ -246,7 +247,7 @@ def test_report_re_renders_in_another_convention_without_training(finished_pair,
     def no_training(*args, **kwargs):
         raise AssertionError("rendering a report trained a run")
 
-    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    monkeypatch.setattr(training_loop, "train_run", no_training)
     monkeypatch.setitem(EXPERIMENTS, "pair", PAIR)  # as if it were one of the named experiments
     try:
         _re_render_in_headline_convention(root, before, tmp_path, capsys)
@@ -314,7 +315,7 @@ def test_re_running_a_finished_experiment_trains_nothing(finished_pair, data_dir
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    monkeypatch.setattr(training_loop, "train_run", no_training)
     run_and_report(PAIR, str(root), seeds=2, size="tiny", overrides=[f"dataset.data_dir={data_dir}"])
     assert json.loads((root / "summary.json").read_text())["runs"] == json.loads(before)["runs"]
 

@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from auxmtl_configs import common
 from auxmtl_jax import nas
-from auxmtl_jax import train as train_lib
+from auxmtl_jax import training
+from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax.models import build_model
 from auxmtl_jax.nas import population as population_lib
 from test_models import TASKS, model_config, random_batch
@@ -26,8 +27,8 @@ def setup():
     config = common.base_config()
     config.tasks = tuple(TASKS)
     model = build_model(model_config(), TASKS, SimpleNamespace(genotype=SPACE, channels=8))
-    lr_fn = train_lib.create_learning_rate_fn(config.optimizer, 10)
-    start, tx = train_lib.create_train_state(config, model, jax.random.key(0), lr_fn)
+    lr_fn = training.create_learning_rate_fn(config.optimizer, 10)
+    start, tx = training.create_train_state(config, model, jax.random.key(0), lr_fn)
     traces = []
 
     def counted(population, batch):
@@ -35,7 +36,7 @@ def setup():
         return population_lib.population_train_step(population, batch, model=model, config=config, tx=tx,
                                                     learning_rate_fn=lr_fn, polyak_decay=POLYAK_DECAY)
 
-    single = jax.jit(functools.partial(train_lib.train_step, model=model, config=config, tx=tx,
+    single = jax.jit(functools.partial(training.train_step, model=model, config=config, tx=tx,
                                        learning_rate_fn=lr_fn))
     return SimpleNamespace(config=config, model=model, start=start, step=jax.jit(counted), traces=traces, raw=counted,
                            single=single, batch=random_batch(jax.random.key(1), (4, 64, 64, 3)))
@@ -129,9 +130,9 @@ def test_evaluation_uses_each_candidates_polyak_main(setup):
     for index in range(2):
         main = {"params": jax.tree.map(lambda leaf: leaf[index], population.polyak),
                 "batch_stats": jax.tree.map(lambda leaf: leaf[index], population.train.batch_stats["main"])}
-        alone = train_lib.eval_step(main, train_lib.metrics_lib.init_state(tuple(TASKS), TASKS["segmentation"]),
+        alone = training.eval_step(main, metrics_lib.init_state(tuple(TASKS), TASKS["segmentation"]),
                                     setup.batch, model=setup.model)
-        expected = train_lib.metrics_lib.compute(alone)
+        expected = metrics_lib.compute(alone)
         got = population_lib.candidate_metrics(states, index)
         for task in TASKS:
             for name, value in expected[task].items():

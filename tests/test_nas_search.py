@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from auxmtl_jax import nas
-from auxmtl_jax import train
+from auxmtl_jax import programs
 from auxmtl_jax.analysis import plot, search_plot
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import search as search_lib
@@ -50,7 +50,7 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
 
     monkeypatch.setattr(population_lib, "population_train_step", counted)
     straight = tmp_path / "straight"
-    best = train.train_and_evaluate(search_config(data_dir), str(straight))
+    best = programs.run(search_config(data_dir), str(straight))
     assert len(traces) == 1  # three generations, one compiled population step
     assert "each generation's 2 candidates are split over 2 devices" in caplog.text  # 4 host devices in tests
     lines = [json.loads(line) for line in (straight / search_lib.SEARCH_LOG).read_text().splitlines()]
@@ -87,10 +87,10 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
 
     monkeypatch.setattr(search_lib, "run_generation", dies_in_second_generation)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(search_config(data_dir), str(killed))
+        programs.run(search_config(data_dir), str(killed))
     assert len(genotype_sequence(killed)) == 2
     monkeypatch.setattr(search_lib, "run_generation", run_generation)
-    train.train_and_evaluate(search_config(data_dir), str(killed))
+    programs.run(search_config(data_dir), str(killed))
     assert genotype_sequence(killed) == genotype_sequence(straight)
     rewards = [json.loads(line)["reward"] for line in (killed / search_lib.SEARCH_LOG).read_text().splitlines()]
     assert rewards == pytest.approx([line["reward"] for line in lines], rel=1e-4)
@@ -115,5 +115,5 @@ def test_bad_search_settings_fail_before_anything_is_written(field, value, messa
     with node.ignore_type() if hasattr(node, "ignore_type") else contextlib.nullcontext():
         node[leaf] = value
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(config, str(tmp_path / "search"))
+        programs.run(config, str(tmp_path / "search"))
     assert not (tmp_path / "search").exists()

@@ -1,5 +1,5 @@
 """The training objective against hand-computed values: equal and Kendall weightings (totals and gradients), the
-poly and constant schedules, the weight-decay mask, and the aux weight in `train.loss_terms`."""
+poly and constant schedules, the weight-decay mask, and the aux weight in `training.loss_terms`."""
 
 import math
 from types import SimpleNamespace
@@ -12,7 +12,7 @@ import pytest
 
 from auxmtl_configs import common
 from auxmtl_jax import tasks as tasks_lib
-from auxmtl_jax import train
+from auxmtl_jax import training
 from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax.models import build_model
 from test_models import model_config, random_batch
@@ -52,15 +52,15 @@ def test_kendall_weighting_total_and_gradients():
 
 def test_poly_schedule_values():
     optimizer = common.base_config().optimizer
-    schedule = train.create_learning_rate_fn(optimizer, 1000)
+    schedule = training.create_learning_rate_fn(optimizer, 1000)
     for step in (0, 250, 500, 999, 1000):
         assert float(schedule(step)) == pytest.approx(0.01 * (1 - step / 1000) ** 0.9, abs=1e-9)
     optimizer.warmup_steps = 100
-    warm = train.create_learning_rate_fn(optimizer, 1000)
+    warm = training.create_learning_rate_fn(optimizer, 1000)
     assert float(warm(50)) == pytest.approx(0.005)
     assert float(warm(100 + 450)) == pytest.approx(0.01 * (1 - 450 / 900) ** 0.9)
     optimizer.warmup_steps, optimizer.schedule = 0, "constant"
-    constant = train.create_learning_rate_fn(optimizer, 1000, scale=0.1)
+    constant = training.create_learning_rate_fn(optimizer, 1000, scale=0.1)
     assert [float(constant(step)) for step in (0, 500, 1000, 5000)] == pytest.approx([1e-3] * 4)
 
 
@@ -68,7 +68,7 @@ def test_weight_decay_skips_loss_weighting_params():
     config = common.base_config()
     config.optimizer.momentum = 0.0
     params = {"main": {"w": jnp.full((3,), 2.0)}, "loss_weighting": {"log_var": {"a": jnp.asarray(1.5)}}}
-    tx = train.create_optimizer(config, optax.constant_schedule(0.1), params)
+    tx = training.create_optimizer(config, optax.constant_schedule(0.1), params)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["main"]["w"], -0.1 * 1e-4 * 2.0, rtol=1e-6)
@@ -83,7 +83,7 @@ def test_aux_weight_scales_the_aux_terms_of_loss_terms():
     variables = model.init(jax.random.key(0), batch["image"])
     config = common.base_config()
     config.aux.weight = 0.3
-    terms, _ = train.loss_terms(model, config, variables["params"], variables["batch_stats"], batch)
+    terms, _ = training.loss_terms(model, config, variables["params"], variables["batch_stats"], batch)
     outputs, _ = model.apply(variables, batch["image"], train=True)
     assert set(terms) == {"loss/segmentation", "loss/depth", "aux_loss/depth"}
     assert float(terms["aux_loss/depth"]) == pytest.approx(

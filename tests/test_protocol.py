@@ -11,7 +11,8 @@ import pytest
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import input_pipeline
-from auxmtl_jax import train
+from auxmtl_jax import programs
+from auxmtl_jax import training
 
 LEARNING_RATE = 0.01
 
@@ -35,9 +36,9 @@ def tiny_config(data_dir, variant):
 def fresh_state(config):
     """The train state a run of ``config`` starts from (init_from merged in) and its schedule."""
     input_pipeline.prepare_dataset(config.dataset)
-    model = train.create_model(config, input_pipeline.dataset_info(config.dataset).num_classes)
-    schedule = train.run_learning_rate_fn(config, config.num_train_steps)
-    state, _ = train.create_train_state(config, model, jax.random.key(config.seed), schedule)
+    model = training.create_model(config, input_pipeline.dataset_info(config.dataset).num_classes)
+    schedule = training.run_learning_rate_fn(config, config.num_train_steps)
+    state, _ = training.create_train_state(config, model, jax.random.key(config.seed), schedule)
     return model, state, schedule
 
 
@@ -56,7 +57,7 @@ def assert_trees_differ(got, want):
 def segmentation_prior(data_dir, tmp_path_factory):
     """A trained single-task segmentation run (T_1) and its variables."""
     workdir = tmp_path_factory.mktemp("single_segmentation")
-    train.train_and_evaluate(tiny_config(data_dir, "strategy=single:segmentation"), str(workdir))
+    programs.run(tiny_config(data_dir, "strategy=single:segmentation"), str(workdir))
     return workdir, checkpoint_lib.load_init_variables(str(workdir), "all")
 
 
@@ -79,7 +80,7 @@ def test_prior_loads_the_single_task_network_and_divides_the_lr_by_10(variant, a
     assert_trees_differ(main["encoder"], scratch.params["main"]["encoder"])
     assert model.aux_tasks == aux_tasks
     assert float(schedule(0)) == pytest.approx(0.1 * LEARNING_RATE)
-    assert float(train.run_learning_rate_fn(tiny_config(data_dir, "strategy=joint"), 2)(0)) == pytest.approx(
+    assert float(training.run_learning_rate_fn(tiny_config(data_dir, "strategy=joint"), 2)(0)) == pytest.approx(
         LEARNING_RATE)
 
 
@@ -99,7 +100,7 @@ def test_encoder_init_from_a_run_loads_its_encoder_only(source, segmentation_pri
     path = workdir if source == "workdir" else workdir / "inference"
     config = tiny_config(data_dir, "strategy=auxi_all")
     config.model.encoder_init = str(path)
-    train.check_input_files(config)
+    training.check_input_files(config)
     _, state, schedule = fresh_state(config)
     _, scratch, _ = fresh_state(tiny_config(data_dir, "strategy=auxi_all"))
     assert_trees_equal(state.params["main"]["encoder"], prior["params"]["main"]["encoder"])
@@ -113,7 +114,7 @@ def test_encoder_init_from_a_run_loads_its_encoder_only(source, segmentation_pri
 def test_a_prior_overrides_the_shared_encoder_start(segmentation_prior, data_dir, tmp_path):
     workdir, prior = segmentation_prior
     other = tmp_path / "other_start"
-    train.train_and_evaluate(tiny_config(data_dir, "strategy=single:depth"), str(other))
+    programs.run(tiny_config(data_dir, "strategy=single:depth"), str(other))
     config = tiny_config(data_dir, f"strategy=prior:{workdir}")
     config.model.encoder_init = str(other)
     _, state, _ = fresh_state(config)
@@ -130,7 +131,7 @@ def test_deep_supervision_of_one_task_is_a_tenth_of_the_sum_over_stages(data_dir
              "segmentation": jnp.asarray(rng.integers(0, 4, size=(2, 32, 40)), jnp.int32),
              "depth": jnp.asarray(rng.uniform(0.5, 5.0, size=(2, 32, 40, 1)), jnp.float32),
              "normal": jnp.asarray(rng.normal(size=(2, 32, 40, 3)), jnp.float32)}
-    terms, _ = train.loss_terms(model, config, state.params, state.batch_stats, batch)
+    terms, _ = training.loss_terms(model, config, state.params, state.batch_stats, batch)
     assert set(terms) == {"loss/segmentation", "loss/depth", "loss/normal", "ds_loss/depth"}
     outputs, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=True)
     stages = outputs.deep_supervision["depth"]
@@ -154,7 +155,7 @@ def test_pretrain_then_fine_tune_carries_the_aux_modules_at_a_constant_lr(data_d
     assert (pretrain_config.dataset.train_split, pretrain_config.dataset.eval_split) == ("train[:95%]",
                                                                                          "train[95%:]")
     pretrain = tmp_path / "pretrain"
-    train.train_and_evaluate(pretrain_config, str(pretrain))
+    programs.run(pretrain_config, str(pretrain))
     pretrained = checkpoint_lib.load_init_variables(str(pretrain), "all")
     finetune = importlib.import_module("auxmtl_configs.nyuv2_finetune")
     config = on_tiny_data(finetune.get_config(f"runlocal,from={pretrain}"), data_dir)
@@ -166,7 +167,7 @@ def test_pretrain_then_fine_tune_carries_the_aux_modules_at_a_constant_lr(data_d
     assert_trees_equal(state.params["main"], pretrained["params"]["main"])
     assert_trees_equal(state.batch_stats, pretrained["batch_stats"])
     assert [float(schedule(step)) for step in (0, 1, 2, 10_000)] == pytest.approx([1e-5] * 4)
-    record = train.train_and_evaluate(config, str(tmp_path / "finetune"))
+    record = programs.run(config, str(tmp_path / "finetune"))
     assert set(record["metrics"]) == set(config.tasks)
     with pytest.raises(ValueError, match=r"nyuv2_finetune\.py needs exactly one pre-trained run"):
         finetune.get_config("strategy=joint")
@@ -180,7 +181,7 @@ def test_bad_protocol_settings_fail_clearly(data_dir, tmp_path):
         group, key = field.split(".")
         config[group][key] = value
         with pytest.raises(ValueError, match=message):
-            train.validate_config(config)
+            training.validate_config(config)
     config = tiny_config(data_dir, "strategy=joint")
     config.init_from.path, config.init_from.scope = str(tmp_path), "all"
     with pytest.raises(ValueError, match=r"is neither a workdir"):

@@ -11,7 +11,9 @@ from PIL import Image
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import inference
 from auxmtl_jax import input_pipeline
-from auxmtl_jax import train
+from auxmtl_jax import programs
+from auxmtl_jax import workdir as workdir_lib
+from auxmtl_jax import training
 from auxmtl_configs import synthetic_three_task
 
 
@@ -87,7 +89,7 @@ class KilledAfter:
 
 def test_auxi_run_writes_results_export_and_logs(data_dir, tmp_path):
     config = tiny_config(data_dir, "strategy=auxi_all", **{"analysis.grad_log_every_steps": 2})
-    record = train.train_and_evaluate(config, str(tmp_path))
+    record = programs.run(config, str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["step"] == config.num_train_steps and results == json.loads(json.dumps(record))
     assert set(results["metrics"]) == set(config.tasks)
@@ -127,16 +129,16 @@ def check_inference_export(model_dir, tmp_path, config):
 
 def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     config = tiny_config(data_dir)
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    programs.run(config, str(tmp_path / "straight"))
 
     create = input_pipeline.create_train_iterator
     monkeypatch.setattr(input_pipeline, "create_train_iterator", lambda *a, **k: KilledAfter(create(*a, **k), 3))
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, str(tmp_path / "killed"))
+        programs.run(config, str(tmp_path / "killed"))
     assert checkpoint_lib.Checkpointer(tmp_path / "killed", max_to_keep=3).latest_step() == 2
     assert not (tmp_path / "killed" / "results.json").exists()
     monkeypatch.setattr(input_pipeline, "create_train_iterator", create)
-    train.train_and_evaluate(config, str(tmp_path / "killed"))
+    programs.run(config, str(tmp_path / "killed"))
 
     assert train_losses(tmp_path / "killed") == pytest.approx(train_losses(tmp_path / "straight"), rel=1e-5)
     assert_trees_close(final_params(tmp_path / "killed"), final_params(tmp_path / "straight"), rtol=1e-5, atol=1e-6)
@@ -155,15 +157,15 @@ def test_one_step_on_four_devices_matches_one_device(data_dir, tmp_path):
     runs = {}
     for devices in (1, 4):
         config = tiny_config(data_dir, num_devices=devices, num_train_steps=1)
-        train.train_and_evaluate(config, str(tmp_path / f"d{devices}"))
+        programs.run(config, str(tmp_path / f"d{devices}"))
         runs[devices] = tmp_path / f"d{devices}"
     losses = {devices: json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0]) for devices, workdir in
               runs.items()}
     for key in ("loss/total", "loss/segmentation", "loss/depth", "loss/normal"):
         assert losses[4][key] == pytest.approx(losses[1][key], rel=1e-5)
 
-    _, model, mesh = train.prepare_run(config)
-    initial = train.main_variables(train.create_sharded_train_state(config, model, mesh)[0])
+    _, model, mesh = training.prepare_run(config)
+    initial = training.main_variables(training.create_sharded_train_state(config, model, mesh)[0])
     initial = jax.tree.map(np.asarray, initial)
     one, four = final_params(runs[1]), final_params(runs[4])
     assert jax.tree.structure(one) == jax.tree.structure(four) == jax.tree.structure(initial)
@@ -176,32 +178,32 @@ def test_one_step_on_four_devices_matches_one_device(data_dir, tmp_path):
 
 
 def test_workdir_with_another_config_is_refused(data_dir, tmp_path):
-    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+    programs.run(tiny_config(data_dir), str(tmp_path))
     with pytest.raises(ValueError, match=r"another config.*aux\.tasks"):
-        train.train_and_evaluate(tiny_config(data_dir, "strategy=auxi_all"), str(tmp_path))
+        programs.run(tiny_config(data_dir, "strategy=auxi_all"), str(tmp_path))
 
 
 def test_a_workdir_saved_before_a_config_key_existed_resumes_with_its_old_behaviour(data_dir, tmp_path):
     """Upgrading must not strand runs: keys added later (ADDED_KEYS) are accepted at the value that reproduces the
     old behaviour, and refused at any other value."""
     config = tiny_config(data_dir)
-    train.train_and_evaluate(config, str(tmp_path))
-    path = tmp_path / checkpoint_lib.CONFIG_FILE
+    programs.run(config, str(tmp_path))
+    path = tmp_path / workdir_lib.CONFIG_FILE
     saved = json.loads(path.read_text())
-    for key in checkpoint_lib.ADDED_KEYS:
+    for key in workdir_lib.ADDED_KEYS:
         *groups, leaf = key.split(".")
         node = saved
         for group in groups:
             node = node.get(group, {})
         node.pop(leaf, None)
     # nested keys (weighting.dwa.temperature) are removed too
-    assert not [key for key in checkpoint_lib.flatten_config(saved) if key.startswith("weighting.")]
+    assert not [key for key in workdir_lib.flatten_config(saved) if key.startswith("weighting.")]
     path.write_text(json.dumps(saved))
-    checkpoint_lib.check_workdir_config(tmp_path, config, resume_step=4)
+    workdir_lib.check_workdir_config(tmp_path, config, resume_step=4)
     path.write_text(json.dumps(saved))
     config.optimizer.schedule = "constant"
     with pytest.raises(ValueError, match=r"another config \(optimizer\.schedule: None -> 'constant'\)"):
-        checkpoint_lib.check_workdir_config(tmp_path, config, resume_step=4)
+        workdir_lib.check_workdir_config(tmp_path, config, resume_step=4)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -215,7 +217,7 @@ def test_a_workdir_saved_before_a_config_key_existed_resumes_with_its_old_behavi
 ])
 def test_bad_config_values_fail_clearly(data_dir, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(tiny_config(data_dir, **override), str(tmp_path / "run"))
+        programs.run(tiny_config(data_dir, **override), str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
@@ -241,10 +243,10 @@ def test_non_finite_loss_stops_naming_step_and_task(data_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(input_pipeline, "create_train_iterator", lambda *a, **k: PoisonDepthAt(create(*a, **k), 3))
     config = tiny_config(data_dir, log_every_steps=1)
-    with pytest.raises(train.NonFiniteError, match=r"loss/depth became non-finite at step 3 \(its batch is number 2 "
+    with pytest.raises(training.NonFiniteError, match=r"loss/depth became non-finite at step 3 \(its batch is number 2 "
                                                   r"of the training data order for seed 0.*next_batch=2\).*"
                                                   r"checkpoint is step 2"):
-        train.train_and_evaluate(config, str(tmp_path))
+        programs.run(config, str(tmp_path))
     assert checkpoint_lib.Checkpointer(tmp_path, max_to_keep=3).latest_step() == 2
 
 
@@ -253,7 +255,7 @@ def test_sweep_writes_comparison_table(data_dir, tmp_path):
     config.dataset.data_dir = data_dir
     config.num_train_steps = 2
     config.analysis.grad_log_every_steps = 1
-    records = train.train_and_evaluate(config, str(tmp_path))
+    records = programs.run(config, str(tmp_path))
     assert set(records) == {"joint", "auxi_all"}
     table = (tmp_path / "comparison.txt").read_text()
     assert "joint" in table and "auxi_all" in table
@@ -265,35 +267,35 @@ def test_every_evaluation_in_one_process_equals_a_fresh_evaluation_of_its_checkp
     """Three evaluations in one run (the paper configs evaluate every 5k-10k steps), each as if run alone."""
     config = tiny_config(data_dir, num_train_steps=6, eval_every_steps=2, checkpoint_every_steps=2,
                          max_checkpoints_to_keep=3)
-    train.train_and_evaluate(config, str(tmp_path))
+    programs.run(config, str(tmp_path))
     evaluations = logged(tmp_path, "eval")
     assert sorted(evaluations) == [2, 4, 6]
     for step, logged_metrics in evaluations.items():
-        fresh = train.evaluate_checkpoint(config, str(tmp_path), step)
+        fresh = training.evaluate_checkpoint(config, str(tmp_path), step)
         for task, values in fresh.items():
             for metric, value in values.items():
                 assert logged_metrics[f"{task}/{metric}"] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, metric)
     assert evaluations[2]["depth/abs_err"] != evaluations[6]["depth/abs_err"]  # three different states evaluated
     with pytest.raises(ValueError, match=r"no checkpoint of step 3; it holds steps \[2, 4, 6\]"):
-        train.evaluate_checkpoint(config, str(tmp_path), 3)
+        training.evaluate_checkpoint(config, str(tmp_path), 3)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr 1e39 -> float32 inf
 def test_non_finite_parameters_are_never_saved(data_dir, tmp_path):
     """A step whose loss is finite but whose update overflows must not be checkpointed as 'good'."""
     config = tiny_config(data_dir, checkpoint_every_steps=1, **{"optimizer.learning_rate": 1e39})
-    with pytest.raises(train.NonFiniteError, match=r"train state became non-finite by step 1 \(first non-finite "
+    with pytest.raises(training.NonFiniteError, match=r"train state became non-finite by step 1 \(first non-finite "
                                                    r"leaf: params/main/.*no checkpoint was saved"):
-        train.train_and_evaluate(config, str(tmp_path))
+        programs.run(config, str(tmp_path))
     assert checkpoint_lib.Checkpointer(tmp_path, max_to_keep=3).latest_step() is None
 
 
 def test_first_non_finite_leaf_names_the_path():
     tree = {"params": {"a": np.ones(3, np.float32), "b": {"kernel": np.array([1.0, np.inf], np.float32)}},
             "step": np.int32(3)}
-    assert train.first_non_finite_leaf(tree) == "params/b/kernel"
+    assert training.first_non_finite_leaf(tree) == "params/b/kernel"
     tree["params"]["b"]["kernel"][1] = 0.0
-    assert train.first_non_finite_leaf(tree) is None
+    assert training.first_non_finite_leaf(tree) is None
 
 
 def test_resume_with_an_accepted_config_change_continues_and_records_it(data_dir, tmp_path, monkeypatch):
@@ -301,21 +303,21 @@ def test_resume_with_an_accepted_config_change_continues_and_records_it(data_dir
     create = input_pipeline.create_train_iterator
     monkeypatch.setattr(input_pipeline, "create_train_iterator", lambda *a, **k: KilledAfter(create(*a, **k), 3))
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, str(tmp_path))
+        programs.run(config, str(tmp_path))
     monkeypatch.setattr(input_pipeline, "create_train_iterator", create)
 
     changed = tiny_config(data_dir, **{"optimizer.learning_rate": 0.003})
     with pytest.raises(ValueError, match=r"(?s)optimizer\.learning_rate: 0\.05 -> 0\.003.*"
                                          r"--config\.accept_changed_keys=optimizer\.learning_rate.*"
                                          r"--config\.init_from\.path="):
-        train.train_and_evaluate(changed, str(tmp_path))
+        programs.run(changed, str(tmp_path))
     with pytest.raises(ValueError, match=r"accept_changed_keys names 'optimizer\.learning_rat', which is no "
                                          r"config key"):
-        train.train_and_evaluate(tiny_config(data_dir, accept_changed_keys="optimizer.learning_rat"), str(tmp_path))
+        programs.run(tiny_config(data_dir, accept_changed_keys="optimizer.learning_rat"), str(tmp_path))
 
     changed.accept_changed_keys = "optimizer.learning_rate"
-    train.train_and_evaluate(changed, str(tmp_path))
-    schedule = train.create_learning_rate_fn(changed.optimizer, changed.num_train_steps)
+    programs.run(changed, str(tmp_path))
+    schedule = training.create_learning_rate_fn(changed.optimizer, changed.num_train_steps)
     assert logged(tmp_path, "train")[4]["lr"] == pytest.approx(float(np.mean([schedule(2), schedule(3)])), rel=1e-6)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["optimizer"]["learning_rate"] == 0.003
@@ -324,5 +326,5 @@ def test_resume_with_an_accepted_config_change_continues_and_records_it(data_dir
     # Reporting keys may change on resume without being accepted: Δm% against corrected references.
     results = json.loads((tmp_path / "results.json").read_text())
     changed.reference_results = results["metrics"]
-    train.train_and_evaluate(changed, str(tmp_path))
+    programs.run(changed, str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text())["delta_m"] == pytest.approx(0.0, abs=1e-6)

@@ -23,9 +23,8 @@ from matplotlib.figure import Figure
 from auxmtl_jax.analysis.gradients import LOG_PREFIXES, depth_order_key
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.metrics import HIGHER_IS_BETTER
+from auxmtl_jax.workdir import METRICS_FILE, RESULTS_FILE
 
-METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
 GRADIENT_COMPONENTS = LOG_PREFIXES
 TASK_ORDER = ("segmentation", "depth", "normal")
 HEADLINE_METRICS = {"segmentation": "miou", "depth": "abs_err", "normal": "mean"}
@@ -141,7 +140,8 @@ def spread_across_depth(layers: Sequence[str], count: int = 3) -> list[str]:
     return [layers[i] for i in np.unique(np.round(np.linspace(0, len(layers) - 1, count)).astype(int))]
 
 
-def _run_colors(names: Sequence[str]) -> dict[str, tuple]:
+def run_colors(names: Sequence[str]) -> dict[str, tuple]:
+    """One tab10 colour per run name, in order (the same run keeps its colour across a report's figures)."""
     palette = colormaps["tab10"]
     return {name: palette(i % 10) for i, name in enumerate(names)}
 
@@ -200,7 +200,7 @@ def gradient_curves(
     rows = math.ceil(panels / columns)
     figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
     axes_grid = figure.subplots(rows, columns, squeeze=False).ravel()
-    colors = _run_colors(list(runs))
+    colors = run_colors(list(runs))
     for axes, layer in zip(axes_grid, layers):
         for name, records in runs.items():
             steps, values = metric_series(records, f"{component}/{layer}")
@@ -285,7 +285,7 @@ def choose_scatter_metrics(results: Mapping[str, Mapping]) -> tuple[str, str]:
     )
 
 
-def _axis_label(task: str, metric: str) -> str:
+def axis_label(task: str, metric: str) -> str:
     """'task metric' with the better direction when the metrics module knows it."""
     higher = HIGHER_IS_BETTER.get(task, {}).get(metric)
     if higher is None:
@@ -308,7 +308,7 @@ def strategy_scatter(
 
     figure = Figure(figsize=(6.0, 4.8), layout="constrained")
     axes = figure.subplots()
-    colors = _run_colors(list(points))
+    colors = run_colors(list(points))
     for name, (x_value, y_value) in points.items():
         axes.scatter([x_value], [y_value], color=colors[name], s=40, zorder=3)
         delta = results[name].get("delta_m")
@@ -323,8 +323,8 @@ def strategy_scatter(
     if left_out:
         figure.text(0.01, 0.005, f"not shown: {', '.join(sorted(left_out))}", fontsize=7, color="gray")
     axes.margins(0.15)
-    axes.set_xlabel(_axis_label(x_task, x_metric))
-    axes.set_ylabel(_axis_label(y_task, y_metric))
+    axes.set_xlabel(axis_label(x_task, x_metric))
+    axes.set_ylabel(axis_label(y_task, y_metric))
     axes.set_title("Multi-task strategies (dotted: single-task)")
     return figure
 

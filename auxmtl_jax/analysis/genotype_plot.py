@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from auxmtl_jax.analysis.figures import save_figure
-from auxmtl_jax.nas.genotype import AGGREGATORS, OPERATIONS, CellSpace, Genotype, output_locations
+from auxmtl_jax.models.genotype import AGGREGATORS, OPERATIONS, CellSpace, Genotype, output_locations
 
 OPERATION_LABELS = {"sep_conv3x3": "sep3x3", "conv1x1": "1x1", "sep_conv3x3_dil3": "sep3x3 d3",
                     "sep_conv3x3_dil6": "sep3x3 d6", "skip": "skip", "deform_conv3x3": "deform3x3"}

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from auxmtl_jax import errors
-from auxmtl_jax.analysis import figures
+from auxmtl_jax.analysis import figures, search_plot
 from auxmtl_jax.analysis.figures import AnalysisInputError
 from auxmtl_jax.analysis.genotype_plot import plot_genotype
 from auxmtl_jax.nas import load_genotype
@@ -130,8 +130,6 @@ def _write_figures(args: argparse.Namespace) -> list[Path]:
     if args.command == "genotype":
         return plot_genotype_file(args.genotype, out=args.out, dpi=args.dpi)
     if args.command == "search":
-        from auxmtl_jax.analysis import search_plot
-
         return search_plot.write_search_figures(args.workdir)
     if args.command == "fig5":
         return plot_fig5(args.runs, out=args.out, task=args.task, layers=args.layers, component=args.component,

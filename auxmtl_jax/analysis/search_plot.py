@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 
 from auxmtl_jax.analysis.figures import AnalysisInputError, save_figure  # noqa: E402
 from auxmtl_jax.analysis.genotype_plot import plot_genotype  # noqa: E402
-from auxmtl_jax.nas.genotype import OPERATIONS, genotype_from_json_dict  # noqa: E402
+from auxmtl_jax.models.genotype import OPERATIONS, genotype_from_json_dict  # noqa: E402
+from auxmtl_jax.workdir import SEARCH_LOG  # noqa: E402
 
-SEARCH_LOG = "search.jsonl"
 
 
 def read_search_log(workdir: str | os.PathLike) -> list[dict]:

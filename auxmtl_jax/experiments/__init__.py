@@ -17,7 +17,7 @@ import jax
 from etils import epath
 
 from auxmtl_jax import metrics as metrics_lib
-from auxmtl_jax import train
+from auxmtl_jax.training.state import encoder_start
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import report, runner
 from auxmtl_jax.experiments.definitions import EXPERIMENTS, Claim, Experiment, Run, variants_experiment
@@ -39,7 +39,7 @@ def setting_line(experiment: Experiment, size: str, dataset: str, overrides: Seq
 
 
 def _encoder_start(config) -> str:
-    if train.encoder_start(config) is None:
+    if encoder_start(config) is None:
         return "from scratch"
     return f"starting from the encoder of {config.model.encoder_init}"
 

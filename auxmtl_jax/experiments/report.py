@@ -16,8 +16,8 @@ import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
 
-from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import metrics as metrics_lib
+from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import figures
 from auxmtl_jax.experiments import gradients, stats
 from auxmtl_jax.experiments.definitions import DELTA_M, Claim, Experiment
@@ -301,7 +301,7 @@ def fig3_intervals(experiment: Experiment, results: Results, x: str = "segmentat
     axes = figure.subplots()
     singles = set(experiment.singles.values()) | {run for group in experiment.reference_group.values()
                                                   for run in group.values()}
-    colors = figures._run_colors([run.name for run in experiment.runs])
+    colors = figures.run_colors([run.name for run in experiment.runs])
     for run in experiment.runs:
         x_values, y_values = (per_seed(experiment, results, run.name, key) for key in (x, y))
         if run.name in singles:
@@ -316,8 +316,8 @@ def fig3_intervals(experiment: Experiment, results: Results, x: str = "segmentat
                       yerr=None if math.isnan(y_half) else [y_half], fmt="o", color=colors[run.name], capsize=3)
         axes.annotate(run.label, (x_mean, y_mean), textcoords="offset points", xytext=(5, 5), fontsize=7)
     axes.legend(fontsize=7, loc="best")
-    axes.set_xlabel(figures._axis_label(*x.split("/")))
-    axes.set_ylabel(figures._axis_label(*y.split("/")))
+    axes.set_xlabel(figures.axis_label(*x.split("/")))
+    axes.set_ylabel(figures.axis_label(*y.split("/")))
     axes.set_title(f"{experiment.name}: mean ± 95% t half-width over seeds (dotted: single-task)", fontsize=9)
     return figure
 
@@ -362,8 +362,8 @@ def write_report(experiment: Experiment, root: str | epath.Path, results: Result
     record = summary(experiment, results, claims, convention)
     record.update({"experiment": experiment.name, "source": experiment.source, "seeds": list(seeds),
                    "setting": setting, "wall_seconds": wall_seconds, "fig5": fig5_numbers})
-    checkpoint_lib._write_text_atomic(root / SUMMARY_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
+    workdir_lib.write_text_atomic(root / SUMMARY_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
     text = markdown(experiment, results, claims, record, seeds=seeds, setting=setting, wall_seconds=wall_seconds,
                     convention=convention, fig5_numbers=fig5_numbers, figure_files=figure_files)
-    checkpoint_lib._write_text_atomic(root / REPORT_FILE, text)
+    workdir_lib.write_text_atomic(root / REPORT_FILE, text)
     return [epath.Path(path) for path in written] + [root / SUMMARY_FILE, root / REPORT_FILE]

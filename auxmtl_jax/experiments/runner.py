@@ -14,6 +14,7 @@ Layout of an experiment dir:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import time
@@ -23,11 +24,11 @@ import jax
 import ml_collections
 from etils import epath
 
-from auxmtl_configs import common
-from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import errors
-from auxmtl_jax import train
-from auxmtl_jax.errors import UserError
+from auxmtl_jax import variants
+from auxmtl_jax import workdir as workdir_lib
+from auxmtl_jax.errors import MissingInputError, UserError
+from auxmtl_jax.training import checks, loop
 from auxmtl_jax.experiments.definitions import Experiment, Run
 
 log = logging.getLogger("auxmtl_jax")
@@ -38,40 +39,21 @@ EXPERIMENT_FILE = "experiment.json"
 TIMING_FILE = "timing.json"
 RUNS_DIR = "runs"
 COMPILATION_CACHE_DIR = "compilation_cache"
+EXPERIMENT_CONFIG = "configs/experiments.py"  # get_config("size=…,dataset=…,tasks=…"): an experiment's base config
 
 
-def _synthetic_config(size: str) -> ml_collections.ConfigDict:
-    """The demo config (96x128 scenes, MobileNetV2 x0.5, 400 steps) shrunk to `tiny` or grown to `gpu`."""
-    from auxmtl_configs import synthetic_three_task
-
-    config = synthetic_three_task.get_config("runlocal" if size == "tiny" else None)
-    if size == "gpu":
-        config.dataset.config = "default"  # 192x256, 2000 train / 500 test
-        config.input.crop_size = (128, 160)
-        config.model.width_multiplier = 1.0
-        config.model.head_channels = 64
-        config.aux.channels = 64
-        config.batch_size = 16
-        config.num_train_steps = 4000
-        config.eval_every_steps = 4000
-        config.checkpoint_every_steps = 500
-        config.log_every_steps = 50
-        config.analysis.grad_log_every_steps = 50
-    return config
-
-
-def _real_config(dataset: str, tasks: Sequence[str], size: str) -> ml_collections.ConfigDict:
-    """A paper config of a built real dataset; `tiny` is its runlocal smoke size, `cpu` is not offered."""
-    from auxmtl_configs import nyuv2_three_task, nyuv2_two_task, sunrgbd_three_task
-
-    if size == "cpu":
-        raise UserError(f"--size=cpu with --dataset={dataset}: the real datasets run at the paper's size "
-                        "(--size=gpu) or as a smoke test (--size=tiny); expected one of those")
-    module = {"nyu_v2": nyuv2_two_task if len(tasks) == 2 else nyuv2_three_task,
-              "sunrgbd": sunrgbd_three_task}[dataset]
-    config = module.get_config("runlocal" if size == "tiny" else None)
-    config.analysis.grad_log_every_steps = config.log_every_steps
-    return config
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file named by path (run.py's `--config=FILE:ARG`); relative paths are tried
+    from the working directory, then from the checkout this package lives in."""
+    candidates = [epath.Path(path), epath.Path(__file__).parents[2] / path]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if found is None:
+        raise MissingInputError(f"config file {path} does not exist; expected it in the working directory or the "
+                                "repository checkout (run from the repository root)")
+    spec = importlib.util.spec_from_file_location(f"_experiment_config_{found.stem}", str(found))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def base_config(experiment: Experiment, *, size: str, dataset: str,
@@ -81,8 +63,7 @@ def base_config(experiment: Experiment, *, size: str, dataset: str,
         raise UserError(f"--size={size!r}; expected one of {', '.join(SIZES)}")
     if dataset not in DATASETS:
         raise UserError(f"--dataset={dataset!r}; expected one of {', '.join(DATASETS)}")
-    config = _synthetic_config(size) if dataset == "synthetic_scenes" else _real_config(dataset, experiment.tasks,
-                                                                                       size)
+    config = load_config_file(EXPERIMENT_CONFIG, f"size={size},dataset={dataset},tasks={'+'.join(experiment.tasks)}")
     config.runs = None
     config.tasks = experiment.tasks
     config.analysis.figures = False  # the report draws the experiment's figures
@@ -97,10 +78,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         key, sep, value = override.partition("=")
         if not sep:
             raise UserError(f"--set {override!r}; expected KEY=VALUE, e.g. model.encoder_init=/weights.pth")
-        if key not in common.config_keys(config):
+        if key not in variants.config_keys(config):
             raise UserError(f"--set {override!r}: {key!r} is not a config key; expected one of the dotted keys of "
-                            "configs/common.py")
-        common.set_field(config, key, value)
+                            "the base config (configs/common.py)")
+        variants.set_field(config, key, value)
     return config
 
 
@@ -131,7 +112,7 @@ def run_config(experiment: Experiment, run: Run, seed: int, base: ml_collections
     variant = run.variant.format(**{name: str(run_workdir(runs, name, seed).absolute())
                                     for name in experiment.dependencies(run)})
     config = copy.deepcopy(base)
-    common.apply_variant(config, variant)
+    variants.apply_variant(config, variant)
     apply_overrides(config, overrides)
     config.name = run.name
     config.seed = seed
@@ -139,13 +120,13 @@ def run_config(experiment: Experiment, run: Run, seed: int, base: ml_collections
 
 
 def experiment_record(experiment: Experiment, size: str, dataset: str, overrides: Sequence[str],
-                      runs_dir: str | None, variants: Mapping[str, str] | None = None) -> dict:
+                      runs_dir: str | None, run_variants: Mapping[str, str] | None = None) -> dict:
     """What DIR/experiment.json holds; keys with their default value are left out, as before they existed."""
     record = {"experiment": experiment.name, "size": size, "dataset": dataset, "overrides": list(overrides)}
     if runs_dir:
         record["runs_dir"] = str(runs_dir)
-    if variants:
-        record["variants"] = dict(variants)
+    if run_variants:
+        record["variants"] = dict(run_variants)
     return record
 
 
@@ -171,20 +152,20 @@ def check_experiment_dir(root: epath.Path, record: dict) -> None:
                             f"same experiment, size, dataset and --set overrides, or another --workdir")
     elif jax.process_index() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        checkpoint_lib._write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+        workdir_lib.write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def finished_results(workdir: epath.Path, config) -> dict | None:
     """The results record of a run that has finished with this config, or None (not started, or unfinished)."""
     record = finished_record(workdir, config)
     if record is not None:
-        checkpoint_lib.check_workdir_config(workdir, config, resume_step=record["step"])  # a changed config stops
+        workdir_lib.check_workdir_config(workdir, config, resume_step=record["step"])  # a changed config stops
     return record
 
 
 def finished_record(workdir: epath.Path, config) -> dict | None:
     """The results record of a run that has reached `config.num_train_steps`, read only (no config check)."""
-    path = workdir / train.RESULTS_FILE
+    path = workdir / workdir_lib.RESULTS_FILE
     if not path.exists():
         return None
     record = json.loads(path.read_text())
@@ -200,7 +181,7 @@ def run_configs(experiment: Experiment, runs: epath.Path, *, seeds: Sequence[int
         for run in experiment.runs:
             with errors.about(f"experiment {experiment.name!r}, run {run.name!r} (seed {seed})"):
                 configs[(run.name, seed)] = run_config(experiment, run, seed, base, runs, overrides)
-                train.validate_config(configs[(run.name, seed)])
+                checks.validate_config(configs[(run.name, seed)])
     return configs
 
 
@@ -219,8 +200,8 @@ def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Seq
         raise UserError(f"--runs_dir={runs}: not a directory; expected a folder for the run workdirs (created if "
                         "missing)")
     configs = run_configs(experiment, runs, seeds=seeds, size=size, dataset=dataset, overrides=overrides)
-    variants = ({run.name: run.variant for run in experiment.runs} if experiment.name == "variants" else None)
-    check_experiment_dir(root, experiment_record(experiment, size, dataset, overrides, runs_dir, variants))
+    run_variants = ({run.name: run.variant for run in experiment.runs} if experiment.name == "variants" else None)
+    check_experiment_dir(root, experiment_record(experiment, size, dataset, overrides, runs_dir, run_variants))
     results: dict[str, dict[int, dict]] = {run.name: {} for run in experiment.runs}
     for seed in seeds:
         for run in experiment.runs:
@@ -230,7 +211,7 @@ def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Seq
                 log.info("experiment %s: training %s (seed %d) in %s", experiment.name, run.name, seed, workdir)
                 start = time.perf_counter()
                 try:
-                    record = train.train_and_evaluate(config, str(workdir))
+                    record = loop.train_run(config, workdir).record
                 finally:  # an interrupted run's time counts too; its resume adds the rest
                     timing = _read_timing(runs)  # another experiment sharing the runs dir may have added some
                     timing[workdir.name] = timing.get(workdir.name, 0.0) + time.perf_counter() - start
@@ -247,8 +228,8 @@ def _read_timing(runs: epath.Path) -> dict[str, float]:
 def _write_timing(runs: epath.Path, timing: Mapping[str, float]) -> None:
     if jax.process_index() == 0:
         epath.Path(runs).parent.mkdir(parents=True, exist_ok=True)
-        checkpoint_lib._write_text_atomic(epath.Path(runs).parent / TIMING_FILE,
-                                          json.dumps(dict(timing), indent=2, sort_keys=True))
+        workdir_lib.write_text_atomic(epath.Path(runs).parent / TIMING_FILE,
+                                      json.dumps(dict(timing), indent=2, sort_keys=True))
 
 
 def wall_seconds(runs: epath.Path, experiment: Experiment, seeds: Sequence[int]) -> float:

@@ -1,4 +1,4 @@
-"""Auxiliary modules built from Auxi-NAS cells (space and genotype format: ``auxmtl_jax.nas.genotype``).
+"""Auxiliary modules built from Auxi-NAS cells (space and genotype format: ``auxmtl_jax.models.genotype``).
 
 ``AuxiliaryCells`` is the aux module of one task. It has two builds with the same parameter names:
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from auxmtl_jax.models.auxiliary import OPERATIONS as OPERATION_FACTORIES
 from auxmtl_jax.models.auxiliary import downsample_to
 from auxmtl_jax.models.layers import ConvBN, batch_norm, conv2d, resize_bilinear, to_task_output
-from auxmtl_jax.nas.genotype import AGGREGATORS, OPERATIONS, Cell, CellSpace, output_locations
+from auxmtl_jax.models.genotype import AGGREGATORS, OPERATIONS, Cell, CellSpace, output_locations
 
 Dtype = Any
 

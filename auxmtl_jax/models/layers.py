@@ -157,7 +157,6 @@ class PredictionHead(nn.Module):
         return conv2d(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="output")(x)
 
 
-TASK_NAMES = ("segmentation", "depth", "normal")
 FIXED_TASK_CHANNELS = {"depth": 1, "normal": 3}
 _NORMAL_EPSILON = 1e-6
 

@@ -40,7 +40,7 @@ from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, D
                                         ObjectContextDecoder, UShapeDecoder, aspp_rates)
 from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_features, encoder_module, encoder_stages
 from auxmtl_jax.models.layers import PredictionHead, to_task_output
-from auxmtl_jax.nas.genotype import CellSpace, Genotype, GenotypeError, load_genotype
+from auxmtl_jax.models.genotype import CellSpace, Genotype, GenotypeError, load_genotype
 
 Dtype = Any
 

@@ -7,7 +7,7 @@ generic for the package namespace.
 
 from auxmtl_jax.nas.controller import (Controller, ControllerNetwork, SampleResult, TokenLayout, genotype_from_tokens,
                                        init_controller_params, token_layout)
-from auxmtl_jax.nas.genotype import (AGGREGATORS, FORMAT, OPERATIONS, TOKENS, CellSpace, Genotype, GenotypeError,
+from auxmtl_jax.models.genotype import (AGGREGATORS, FORMAT, OPERATIONS, TOKENS, CellSpace, Genotype, GenotypeError,
                                      basic_genotype, genotype_from_json_dict, load_genotype, output_locations,
                                      random_genotype)
 from auxmtl_jax.nas.ppo import PPOConfig, PPOState, clipped_surrogate, init_ppo_state, ppo_loss, update_baseline

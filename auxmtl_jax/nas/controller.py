@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from auxmtl_jax.nas.genotype import AGGREGATORS, OPERATIONS, TOKENS, CellSpace, Genotype
+from auxmtl_jax.models.genotype import AGGREGATORS, OPERATIONS, TOKENS, CellSpace, Genotype
 
 LOCATION, OPERATION, AGGREGATOR = 0, 1, 2
 START = 3  # "previous kind" of position 0: the learned start input

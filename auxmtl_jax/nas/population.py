@@ -2,7 +2,7 @@
 
 Every candidate starts from the same train state (same `main`, same aux initialisation) and differs only in its
 genotype, which the searchable aux build takes as data. The population is the real training step
-(``train.train_step``) under ``jax.vmap`` over the stacked train states and genotypes, with the batch shared, so
+(``training.steps.train_step``) under ``jax.vmap`` over the stacked train states and genotypes, with the batch shared, so
 one compilation serves the whole search; on a mesh with a ``candidates`` axis the stacked leading axis is sharded
 over devices (and hosts). After each step the `main` parameters' Polyak average is updated (Nekrasov et al. rank
 short runs by their averaged weights); evaluation runs `main` with those averages, aux modules dropped, as at
@@ -22,9 +22,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from auxmtl_jax import metrics as metrics_lib
-from auxmtl_jax import train as train_lib
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import MultiTaskModel
+from auxmtl_jax.training.state import TrainState
+from auxmtl_jax.training.steps import eval_step, train_step
 
 CANDIDATES_AXIS = "candidates"
 
@@ -32,13 +33,13 @@ CANDIDATES_AXIS = "candidates"
 class PopulationState(flax.struct.PyTreeNode):
     """Stacked per-candidate state: leading axis = candidate."""
 
-    train: train_lib.TrainState
+    train: TrainState
     polyak: Any  # Polyak (exponential moving) average of each candidate's `main` params
     genotypes: jax.Array  # int32 [C, T, n, 5]
     active: jax.Array  # bool [C]: False freezes a candidate (early termination)
 
 
-def start_population(start: train_lib.TrainState, genotypes: Any) -> PopulationState:
+def start_population(start: TrainState, genotypes: Any) -> PopulationState:
     """C copies of one starting train state, one per genotype of ``genotypes`` (int [C, T, n, 5])."""
     genotypes = jnp.asarray(genotypes, jnp.int32)
     count = genotypes.shape[0]
@@ -51,7 +52,7 @@ def population_train_step(population: PopulationState, batch, *, model: MultiTas
                           tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
                           polyak_decay: float) -> tuple[PopulationState, dict]:
     """One training step of every active candidate on the shared batch; returns per-candidate step metrics."""
-    step = functools.partial(train_lib.train_step, model=model, config=config, tx=tx,
+    step = functools.partial(train_step, model=model, config=config, tx=tx,
                              learning_rate_fn=learning_rate_fn)
     trained, metrics = jax.vmap(step, in_axes=(0, None, 0))(population.train, batch, population.genotypes)
     keep = population.active
@@ -69,7 +70,7 @@ def population_train_step(population: PopulationState, batch, *, model: MultiTas
 def population_eval_step(population: PopulationState, metric_states, batch, *, model: MultiTaskModel):
     """Adds one meta-val batch to every candidate's streaming metrics, predicting with `main`'s Polyak average."""
     def one(polyak, batch_stats, metric_state):
-        return train_lib.eval_step({"params": polyak, "batch_stats": batch_stats.get("main", {})}, metric_state,
+        return eval_step({"params": polyak, "batch_stats": batch_stats.get("main", {})}, metric_state,
                                    batch, model=model)
 
     return jax.vmap(one, in_axes=(0, 0, 0))(population.polyak, population.train.batch_stats, metric_states)

@@ -10,8 +10,8 @@ first-stage scores stop there (progressive early termination, Nekrasov et al.); 
 
 Every generation starts the meta-train iterator afresh from the same seed, so all candidates see the same
 batches. The workdir holds ``search.jsonl`` (a line per candidate), ``best_genotype.json``, orbax checkpoints of
-the controller/PPO state after each generation and, at the end, the figures of ``analysis/search_plot.py``;
-re-running the same command resumes after the last complete
+the controller/PPO state after each generation (``programs`` draws the figures of ``analysis/search_plot.py``
+afterwards); re-running the same command resumes after the last complete
 generation and samples exactly the genotypes an uninterrupted search would.
 """
 
@@ -32,21 +32,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import input_pipeline
-from auxmtl_jax import train as train_lib
+from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import build_model
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import ppo as ppo_lib
 from auxmtl_jax.nas import reward as reward_lib
+from auxmtl_jax.models.genotype import CellSpace
 from auxmtl_jax.nas.controller import Controller
-from auxmtl_jax.nas.genotype import CellSpace
+from auxmtl_jax.training import checks, state as state_lib
 
 log = logging.getLogger("auxmtl_jax")
-SEARCH_LOG = "search.jsonl"
-BEST_GENOTYPE = "best_genotype.json"
-SEARCH_CHECKPOINTS = checkpoint_lib.CHECKPOINT_DIR  # controller/PPO state after each generation
+SEARCH_LOG = workdir_lib.SEARCH_LOG
+BEST_GENOTYPE = workdir_lib.BEST_GENOTYPE
+SEARCH_CHECKPOINTS = workdir_lib.CHECKPOINT_DIR  # controller/PPO state after each generation
 
 
 def search_space(config, stage_names: tuple[str, ...]) -> CellSpace:
@@ -125,7 +125,7 @@ class SearchSetup:
     config: Any
     controller: Controller
     model: Any
-    start: train_lib.TrainState
+    start: state_lib.TrainState
     step_fn: Any
     eval_fn: Any
     sample_fn: Any
@@ -144,17 +144,17 @@ class SearchSetup:
 
 def prepare_search(config) -> SearchSetup:
     """Validates the config, prepares the data and compiles-on-first-use everything a search reuses."""
-    train_lib.validate_config(config)
+    checks.validate_config(config)
     ppo_settings = validate_search_config(config)
-    train_lib.check_input_files(config)
+    checks.check_input_files(config)
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
-    channels = train_lib.task_channels(config.tasks, dataset.num_classes)
+    channels = state_lib.task_channels(config.tasks, dataset.num_classes)
     probe = build_model(config.model, channels)
     space = search_space(config, probe.stage_names)
     model = build_model(config.model, channels, aux_cfg=SimpleNamespace(genotype=space, channels=config.aux.channels))
-    lr_fn = train_lib.run_learning_rate_fn(config, sum(config.search.steps))
-    start, tx = train_lib.create_train_state(config, model, jax.random.key(config.seed), lr_fn)
+    lr_fn = state_lib.run_learning_rate_fn(config, sum(config.search.steps))
+    start, tx = state_lib.create_train_state(config, model, jax.random.key(config.seed), lr_fn)
     step_fn = functools.partial(population_lib.population_train_step, model=model, config=config, tx=tx,
                                 learning_rate_fn=lr_fn, polyak_decay=config.search.polyak_decay)
     eval_fn = functools.partial(population_lib.population_eval_step, model=model)
@@ -243,7 +243,7 @@ def run_search(config, workdir: str) -> dict:
     manager = ocp.CheckpointManager((workdir / SEARCH_CHECKPOINTS).absolute(),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
     latest = manager.latest_step()
-    checkpoint_lib.check_workdir_config(workdir, config, resume_step=latest or 0)
+    workdir_lib.check_workdir_config(workdir, config, resume_step=latest or 0)
     ppo_settings = search.ppo
     ppo_state = ppo_lib.init_ppo_state(search.controller.init(jax.random.key(config.seed + 1)), ppo_settings,
                                        search.controller)
@@ -269,7 +269,7 @@ def run_search(config, workdir: str) -> dict:
             records += new_records
             _append_log(workdir, new_records)
             best = max(records, key=lambda record: record["reward"])
-            checkpoint_lib._write_text_atomic(workdir / BEST_GENOTYPE, json.dumps(best["genotype"], indent=1) + "\n")
+            workdir_lib.write_text_atomic(workdir / BEST_GENOTYPE, json.dumps(best["genotype"], indent=1) + "\n")
             manager.save(generation + 1, args=ocp.args.StandardSave({"ppo": ppo_state,
                                                                      "reference": np.asarray(reference, np.float32)}))
             manager.wait_until_finished()
@@ -280,11 +280,6 @@ def run_search(config, workdir: str) -> dict:
     finally:
         bar.close()
         manager.close()
-    if jax.process_index() == 0:
-        from auxmtl_jax.analysis import search_plot
-
-        for path in search_plot.write_search_figures(workdir):
-            log.info("wrote %s", path)
     return max(records, key=lambda record: record["reward"])
 
 
@@ -301,7 +296,7 @@ def _read_log(workdir: epath.Path, *, before_generation: int) -> list[dict]:
             continue
         if record.get("generation", math.inf) < before_generation:
             kept.append(record)
-    checkpoint_lib._write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+    workdir_lib.write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
     return kept
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from auxmtl_jax import errors
 from auxmtl_jax.errors import UserError
+from auxmtl_jax.tasks import TASK_NAMES
 
-TASKS = ("segmentation", "depth", "normal")
 IGNORE_LABEL = 255
 DEFAULT_FILE_FORMAT = "array_record"
 
@@ -68,7 +68,7 @@ def dense_features(height: int, width: int) -> tfds.features.FeaturesDict:
 def dense_metadata(class_names: Sequence[str], **extra) -> tfds.core.MetadataDict:
     """Returns the `info.metadata` every dense builder carries: class count and names, and its tasks."""
     return tfds.core.MetadataDict(
-        num_classes=len(class_names), class_names=list(class_names), tasks=list(TASKS), **extra
+        num_classes=len(class_names), class_names=list(class_names), tasks=list(TASK_NAMES), **extra
     )
 
 

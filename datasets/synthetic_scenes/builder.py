@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from auxmtl_datasets.synthetic_scenes import render
+from auxmtl_jax.tasks import TASK_NAMES
 
-TASKS = ("segmentation", "depth", "normal")
 _MIN_EXAMPLES_PER_PROCESS = 64
 
 
@@ -89,7 +89,7 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
             "id": tfds.features.Text(),
         })
         metadata = tfds.core.MetadataDict(num_classes=len(render.CLASS_NAMES), class_names=list(render.CLASS_NAMES),
-                                          tasks=list(TASKS))
+                                          tasks=list(TASK_NAMES))
         return tfds.core.DatasetInfo(builder=self, description=__doc__.splitlines()[0], features=features,
                                      metadata=metadata, disable_shuffling=True, homepage=None)
 

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from auxmtl_jax.errors import UserError
+from auxmtl_jax.tasks import TASK_NAMES
 
 FORMAT = "auxmtl_jax.genotype/1"
 # The adaptor operations of the search space (paper Sec. 3.2) and the two aggregators; every one outputs the
@@ -56,7 +57,6 @@ FORMAT = "auxmtl_jax.genotype/1"
 OPERATIONS = ("sep_conv3x3", "conv1x1", "sep_conv3x3_dil3", "sep_conv3x3_dil6", "skip", "deform_conv3x3")
 AGGREGATORS = ("sum", "concat")
 TOKENS = ("input_a", "input_b", "op_a", "op_b", "aggregator")
-TASKS = ("segmentation", "depth", "normal")
 
 Cell = tuple[int, int, int, int, int]
 
@@ -193,8 +193,8 @@ def _cells_from_array(array: np.ndarray) -> tuple[tuple[Cell, ...], ...]:
 def validate_cells(tasks: Sequence[str], stages: Sequence[str], cells: Sequence[Sequence[Sequence[int]]], *,
                    source: str) -> None:
     """One GenotypeError for the first problem: names the source, the task's cell and the token."""
-    if not isinstance(tasks, tuple) or not tasks or any(task not in TASKS for task in tasks):
-        raise GenotypeError(f"{source}: tasks must be a non-empty list of {TASKS}, got {list(tasks)}")
+    if not isinstance(tasks, tuple) or not tasks or any(task not in TASK_NAMES for task in tasks):
+        raise GenotypeError(f"{source}: tasks must be a non-empty list of {TASK_NAMES}, got {list(tasks)}")
     if len(set(tasks)) != len(tasks):
         raise GenotypeError(f"{source}: tasks {list(tasks)} repeat a task")
     if (not isinstance(stages, tuple) or not stages or any(not isinstance(stage, str) for stage in stages)

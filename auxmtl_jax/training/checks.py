@@ -1,0 +1,153 @@
+"""Pre-flight checks: everything a run verifies before it writes anything (config values, the files it names, the
+dataset, the devices, that loaded weights fit the model)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from jax.sharding import Mesh
+
+from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import errors
+from auxmtl_jax import input_pipeline
+from auxmtl_jax import parallel
+from auxmtl_jax import pretrained
+from auxmtl_jax import tasks as tasks_lib
+from auxmtl_jax import weighting as weighting_lib
+from auxmtl_jax import workdir as workdir_lib
+from auxmtl_jax.errors import MissingInputError, UserError
+from auxmtl_jax.models import MultiTaskModel
+from auxmtl_jax.models.genotype import load_genotype
+from auxmtl_jax.training import state as state_lib
+
+
+def validate_config(config) -> None:
+    """Schedule and batch fields that would otherwise fail deep inside the loop."""
+    positive = ("num_train_steps", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps", "max_checkpoints_to_keep")
+    for key in positive:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"config.{key}={value!r}; expected a positive integer.")
+    if config.optimizer.learning_rate <= 0:
+        raise UserError(f"config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.")
+    if config.model.get("pretrained_required") and not config.model.encoder_init:
+        raise UserError(
+            "config.model.encoder_init is not set, and this paper config trains from an ImageNet-pretrained "
+            f"{config.model.encoder} (paper Sec. 4.1); expected --config.model.encoder_init=<weight file> (a "
+            "torchvision/timm .pth, .pt, .safetensors or .npz; README 'Pretrained encoders'), or "
+            "--config.model.encoder_init=scratch to train from scratch on purpose.")
+    schedule = config.optimizer.get("schedule", "poly")
+    if schedule not in state_lib.LR_SCHEDULES:
+        raise UserError(f"config.optimizer.schedule={schedule!r}; expected one of {', '.join(state_lib.LR_SCHEDULES)}.")
+    if config.init_from.scope not in checkpoint_lib.INIT_SCOPES:
+        raise UserError(f"config.init_from.scope={config.init_from.scope!r}; expected one of "
+                         f"{', '.join(checkpoint_lib.INIT_SCOPES)}.")
+    for key in ("lr_scale", "base_lr_scale"):
+        value = config.init_from.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"config.init_from.{key}={value!r}; expected a number > 0.")
+    tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    weighting_lib.from_config(config, steps_per_epoch=1)
+    workdir_lib.parse_accepted_keys(config.get("accept_changed_keys"),
+                                    workdir_lib.flatten_config(json.loads(workdir_lib.config_to_json(config))))
+    if not config.tasks:
+        raise UserError("config.tasks is empty; expected at least one of " + ", ".join(tasks_lib.TASK_NAMES))
+
+
+def check_input_files(config) -> None:
+    """Every file and folder the config names exists and is what it should be: reference results, encoder
+    weights, the run `init_from` starts from, the Auxi-NAS genotype. Cheap checks, run before the dataset is
+    prepared; the weights are checked against the model's shapes by `check_initialisations`."""
+    reference_results(config)
+    encoder_init = config.model.get("encoder_init")
+    if state_lib.encoder_start(config) == "run":
+        checkpoint_lib.init_source(encoder_init, "encoder", what="config.model.encoder_init")
+    elif state_lib.encoder_start(config) == "file":
+        with errors.about("config.model.encoder_init"):
+            pretrained.check_weight_file(encoder_init)
+    if config.init_from.path:
+        checkpoint_lib.init_source(config.init_from.path, config.init_from.scope)
+    genotype = config.get("aux", {}).get("genotype")
+    if isinstance(genotype, str) and genotype:
+        with errors.about("config.aux.genotype"):
+            load_genotype(genotype)
+
+
+def check_initialisations(config, model: MultiTaskModel) -> None:
+    """Loads `model.encoder_init` and `init_from` onto the model's variable shapes (no initialiser runs), so a
+    file that does not fit stops the run before it writes anything."""
+    if not (config.init_from.path or state_lib.encoder_start(config)):
+        return
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, state_lib.INIT_IMAGE_SIZE, state_lib.INIT_IMAGE_SIZE, 3), jnp.float32))
+    state_lib.load_initialisations(config, dict(shapes["params"]), dict(shapes.get("batch_stats", {})))
+
+
+def check_run(config) -> tuple[input_pipeline.DatasetInfo, MultiTaskModel, Mesh]:
+    """Every check a run makes before it writes anything: config values, the files it names, the dataset
+    (built first when `dataset.prepare`), the devices, and that loaded weights fit the model."""
+    validate_config(config)
+    check_input_files(config)
+    dataset, model, mesh = prepare_run(config)
+    check_initialisations(config, model)
+    return dataset, model, mesh
+
+
+def prepare_run(config) -> tuple[input_pipeline.DatasetInfo, MultiTaskModel, Mesh]:
+    """Checks a validated config against the (prepared) dataset and the devices; returns dataset info, model and
+    mesh."""
+    input_pipeline.prepare_dataset(config.dataset)
+    dataset = input_pipeline.dataset_info(config.dataset)
+    input_pipeline.check_splits(config.dataset)
+    missing = [task for task in config.tasks if task not in dataset.tasks]
+    if missing:
+        raise UserError(f"config.tasks asks for {missing} but dataset {dataset.name!r} has only {list(dataset.tasks)}.")
+    model = state_lib.create_model(config, dataset.num_classes)
+    mesh = parallel.create_mesh(config.get("num_devices"))
+    parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+    parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    return dataset, model, mesh
+
+
+def check_workdir_genotype(workdir: epath.Path, model: MultiTaskModel, *, resume_step: int) -> None:
+    """Keeps a copy of the trained genotype in WORKDIR/aux_genotype.json; a resumed run must train the same one."""
+    genotype, record = model.aux_genotype, workdir / workdir_lib.AUX_GENOTYPE
+    if resume_step and record.exists():
+        recorded = load_genotype(record)
+        if recorded != genotype:
+            raise UserError(f"{workdir} was trained with the genotype in {record}, but aux.genotype now names a "
+                             "different one; train it in a new workdir (or restore the genotype file).")
+    elif genotype is not None and jax.process_index() == 0:
+        genotype.save(record)
+
+
+def reference_results(config) -> dict | None:
+    """Single-task reference numbers for Δm%: a {task: {metric: value}} dict or a path to a results.json."""
+    references = config.get("reference_results")
+    if references is None:
+        return None
+    where = f"config.reference_results={references!r}"
+    expected = "expected a run's results.json or a {task: {metric: number}} dict"
+    if isinstance(references, str):
+        path = epath.Path(references)
+        if not path.is_file():
+            raise MissingInputError(f"{where} does not exist; {expected}.")
+        try:
+            references = json.loads(path.read_text())["metrics"]
+        except (ValueError, KeyError, TypeError) as error:  # not UTF-8, not JSON, or no "metrics"
+            problem = f"no {error} key" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+            raise UserError(f"{where} is unreadable ({problem}); {expected}.") from None
+    try:
+        checked = {task: {metric: float(value) for metric, value in dict(values).items()}
+                   for task, values in dict(references).items()}
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{where} holds {type(references).__name__} values that are not {{task: {{metric: number}}}} "
+                        f"({error}); {expected}.") from None
+    unknown = sorted(set(checked) - set(tasks_lib.TASK_NAMES))
+    if unknown:
+        raise UserError(f"{where} has unknown task(s) {unknown}; expected some of {', '.join(tasks_lib.TASK_NAMES)}.")
+    return checked

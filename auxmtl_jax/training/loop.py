@@ -1,0 +1,222 @@
+"""The training loop of one run: resume from the last checkpoint, step, log, check for NaN/Inf, checkpoint,
+evaluate, export `main` and write results.json. No figures and no dispatch: `programs` does both."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import input_pipeline
+from auxmtl_jax import metrics as metrics_lib
+from auxmtl_jax import parallel
+from auxmtl_jax import reporting
+from auxmtl_jax import workdir as workdir_lib
+from auxmtl_jax.analysis import gradients
+from auxmtl_jax.errors import UserError
+from auxmtl_jax.models import MultiTaskModel
+from auxmtl_jax.training.checks import check_run, check_workdir_genotype, prepare_run, reference_results
+from auxmtl_jax.training.evaluate import Evaluator, flatten_results, model_export_config, write_results
+from auxmtl_jax.training.state import TrainState, create_sharded_train_state, main_variables, run_weighting
+from auxmtl_jax.training.steps import step_functions
+
+log = logging.getLogger("auxmtl_jax")
+
+
+class TrainedRun(NamedTuple):
+    """What one finished run hands its caller: the results.json record, and what drawing its figures needs."""
+
+    record: dict
+    state: TrainState
+    model: MultiTaskModel
+    dataset: input_pipeline.DatasetInfo
+    eval_data: Any  # the evaluator's test batches
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a NaN/Inf loss or train state; nothing non-finite was saved, so the last checkpoint is good.
+
+    A user error: its message says which step, loss and batch, and how to continue with a lower learning rate.
+    """
+
+
+def first_non_finite(window: list[tuple[int, dict]]) -> tuple[int, str] | None:
+    """(step, loss name) of the first NaN/Inf loss in a window of host metrics, or None."""
+    for step, values in window:
+        for key, value in values.items():
+            if "loss" in key and not math.isfinite(float(value)):
+                return step, key
+    return None
+
+
+def _is_float(leaf) -> bool:
+    return jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if _is_float(leaf)]))
+
+
+@jax.jit
+def _finite_per_leaf(tree):
+    return jax.tree.map(lambda leaf: jnp.all(jnp.isfinite(leaf)) if _is_float(leaf) else jnp.asarray(True), tree)
+
+
+def first_non_finite_leaf(tree) -> str | None:
+    """Path ('params/main/encoder/...') of the first leaf holding a NaN/Inf, or None; one reduced flag when clean."""
+    if bool(jax.device_get(_all_finite(tree))):
+        return None
+    flags, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(_finite_per_leaf(tree)))
+    for path, finite in flags:
+        if not finite:
+            return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+    return None
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: bool = False) -> TrainedRun:
+    """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results.
+
+    Nothing is written before `check_run` passes (`checked`: the caller has run it on this config).
+    """
+    dataset, model, mesh = prepare_run(config) if checked else check_run(config)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
+    writer = None
+    try:
+        start_step = checkpointer.latest_step() or 0
+        workdir_lib.check_workdir_config(workdir, config, resume_step=start_step)
+        check_workdir_genotype(workdir, model, resume_step=start_step)
+        state, state_sharding, tx, learning_rate_fn = create_sharded_train_state(config, model, mesh)
+        train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
+                                                          global_batch_size=config.batch_size, seed=config.seed)
+        if start_step:
+            start_step, state, data_state = checkpointer.restore_latest_intact(state)
+            train_iter.set_state(data_state)
+            log.info("resumed %s from step %d", workdir, start_step)
+        writer = reporting.MetricWriter(workdir)
+        writer.truncate_after(start_step)
+        if start_step == 0 and jax.process_index() == 0:
+            log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
+
+        step_fn, grad_fn = step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding,
+                                          run_weighting(config))
+        evaluator = Evaluator(config, model, dataset, mesh)
+        coordinates = _gradient_coordinates(config, state)
+        loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter)
+        with jax.set_mesh(mesh):
+            state = loop.run(state, start_step, step_fn, grad_fn, coordinates, evaluator)
+    finally:
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+    results = loop.final_results
+    record = write_results(workdir, config.name, config.num_train_steps, results, reference_results(config))
+    if jax.process_index() == 0:
+        checkpoint_lib.export_inference(workdir, main_variables(state), model_export_config(config, dataset))
+        print(f"\n{config.name} (step {config.num_train_steps}):\n"
+              f"{metrics_lib.format_table({config.name: results}, reference_results(config))}", flush=True)
+    return TrainedRun(record, state, model, dataset, evaluator.data)
+
+
+def _gradient_coordinates(config, state: TrainState):
+    """The sampled encoder weights Fig. 5's statistics follow (None when they are not logged)."""
+    if not config.analysis.grad_log_every_steps:
+        return None
+    return gradients.sample_coordinates(jax.device_get(state.params["main"]["encoder"]),
+                                        samples_per_layer=config.analysis.grad_samples_per_layer,
+                                        seed=config.seed)
+
+
+class _TrainLoop:
+    """The step loop with its periodic duties: logging, NaN checks, gradient statistics, checkpoints, eval."""
+
+    def __init__(self, config, workdir, mesh, writer, checkpointer, train_iter):
+        self.config, self.workdir, self.mesh = config, workdir, mesh
+        self.writer, self.checkpointer, self.train_iter = writer, checkpointer, train_iter
+        self.window: list[tuple[int, Any]] = []
+        self.final_results: dict | None = None
+
+    def _due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.config.num_train_steps
+
+    def run(self, state, start_step, step_fn, grad_fn, coordinates, evaluate_fn: Callable[[TrainState], dict]):
+        config = self.config
+        progress = reporting.Progress(total=config.num_train_steps, initial=start_step,
+                                      batch_size=config.batch_size, enabled=config.progress_bar)
+        grad_every = config.analysis.grad_log_every_steps
+        try:
+            for step in range(start_step, config.num_train_steps):
+                batch = parallel.global_batch(next(self.train_iter), self.mesh)
+                extra = {}
+                if grad_every and (step + 1) % grad_every == 0:
+                    extra = jax.device_get(grad_fn(state, batch, coordinates))
+                state, step_metrics = step_fn(state, batch)
+                done = step + 1
+                self.window.append((done, step_metrics))
+                if self._due(done, config.log_every_steps) or extra:
+                    self._log(done, progress, extra)
+                    self.checkpointer.record_committed()
+                if self._due(done, config.checkpoint_every_steps):
+                    self._check_finite()
+                    self._check_state_finite(done, state)
+                    self.checkpointer.save(done, state, self.train_iter.get_state())
+                if self._due(done, config.eval_every_steps):
+                    results = evaluate_fn(state)
+                    self.writer.write(done, "eval", flatten_results(results))
+                    if done == config.num_train_steps:
+                        self.final_results = results
+        finally:
+            progress.close()
+        if self.final_results is None:  # resumed after the last step: evaluate the restored state
+            self.final_results = evaluate_fn(state)
+        return state
+
+    def _check_finite(self) -> None:
+        host = [(step, jax.device_get(values)) for step, values in self.window]
+        bad = first_non_finite(host)
+        if bad is not None:
+            step, key = bad
+            raise NonFiniteError(self._non_finite_message(
+                f"{key} became non-finite at step {step} ({self._batch_position(step, host[-1][0])})"))
+        self.window = host
+
+    def _batch_position(self, step: int, latest: int) -> str:
+        """Where the batch that `step` trained on sits in the data order, so that it can be inspected."""
+        next_batch = self.train_iter.get_state().get("next_batch")
+        if not isinstance(next_batch, int):
+            return "its batch position is unknown"
+        position = next_batch - (latest - step) - 1
+        return (f"its batch is number {position} of the training data order for seed {self.config.seed}: "
+                f"input_pipeline.create_train_iterator(...) with set_state(dict(it.get_state(), "
+                f"next_batch={position})) yields it")
+
+    def _check_state_finite(self, step: int, state: TrainState) -> None:
+        """Never saves a checkpoint holding NaN/Inf parameters or optimiser state."""
+        leaf = first_non_finite_leaf(state)
+        if leaf is not None:
+            raise NonFiniteError(self._non_finite_message(
+                f"the train state became non-finite by step {step} (first non-finite leaf: {leaf}); it was not saved"))
+
+    def _non_finite_message(self, what: str) -> str:
+        self.checkpointer.wait()
+        last = self.checkpointer.latest_step()
+        kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
+        return (f"{what} in {self.workdir}; training stopped and {kept}. Lower optimizer.learning_rate (or check "
+                f"the data) and continue from that checkpoint by re-running with "
+                f"--config.optimizer.learning_rate=NEW_LR --config.accept_changed_keys=optimizer.learning_rate.")
+
+    def _log(self, step: int, progress: reporting.Progress, extra: Mapping[str, Any]) -> None:
+        self._check_finite()
+        values = {key: float(np.mean([float(v[key]) for _, v in self.window])) for key in self.window[-1][1]}
+        values["images_per_sec"] = progress.update(step, values["loss/total"])
+        self.writer.write(step, "train", {**values, **{k: float(v) for k, v in extra.items()}})
+        self.window = []

@@ -1,0 +1,183 @@
+"""The run-directory contract: what a workdir holds, the one atomic writer, its readers, and the resume check.
+
+A workdir remembers its config (config.json); resuming with a different one fails with the list of differing
+keys and the two ways on, unless `accept_changed_keys` names them (the change is then recorded in config.json
+under `config_changes`). Every file a run, a search or an experiment writes is named here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from etils import epath
+
+from auxmtl_jax import weighting as weighting_lib
+from auxmtl_jax.errors import MissingInputError, UserError
+
+CONFIG_FILE = "config.json"  # the run's config, with `config_changes` after an accepted change
+CHECKPOINT_DIR = "checkpoints"  # orbax: train state + data-iterator state per step
+INTEGRITY_DIR = "checkpoint_integrity"  # <step>.json: size and SHA-256 of each file of that checkpoint
+DAMAGED_DIR = "checkpoints_damaged"  # damaged checkpoints are moved here, never deleted
+INFERENCE_DIR = "inference"  # the export: `main` variables + model description
+INFERENCE_VARIABLES = "main_variables.msgpack"
+INFERENCE_CONFIG = "model.json"
+METRICS_FILE = "metrics.jsonl"  # one JSON object per train log / evaluation
+RESULTS_FILE = "results.json"  # the final test metrics, Δm% and its convention
+RESULTS_TABLE = "results.txt"
+COMPARISON_TABLE = "comparison.txt"  # a sweep's table of its runs
+AUX_GENOTYPE = "aux_genotype.json"  # the Auxi-NAS genotype a run trains, next to config.json
+PREDICTIONS_FIGURE = "predictions.png"
+SEARCH_LOG = "search.jsonl"  # an Auxi-NAS search: one line per candidate
+BEST_GENOTYPE = "best_genotype.json"
+CONFIG_CHANGES_KEY = "config_changes"
+
+# Config keys that may change between a run and its resumption: they do not change the trained weights
+# (`num_devices` changes them only by float rounding, see README "Data parallelism"), or only what is reported.
+RESUMABLE_KEYS = (
+    "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
+    "input.num_workers", "dataset.data_dir", "dataset.manual_dir", "dataset.prepare", "analysis.figures",
+    "distributed.", "runs", "num_devices", "reference_results", "accept_changed_keys", CONFIG_CHANGES_KEY,
+)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} view of a nested config, tuples as lists (as JSON stores them)."""
+    flat = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and key not in ("runs", "reference_results"):
+            flat.update(flatten_config(value, path + "."))
+        else:
+            flat[path] = json.loads(json.dumps(value, default=to_jsonable))
+    return flat
+
+
+def to_jsonable(value):
+    """A JSON-ready form of a config value: tuples and sets as lists, numpy scalars as numbers, others as text."""
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+def config_to_json(config) -> str:
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.dumps(data, indent=2, sort_keys=True, default=to_jsonable)
+
+
+def check_workdir_config(workdir: epath.Path, config, *, resume_step: int | None = None) -> None:
+    """Records the config in a fresh workdir; in one with checkpoints, requires the same config.
+
+    Keys listed in `config.accept_changed_keys` (comma-separated dotted keys or `prefix.` groups) may differ:
+    the run continues from its last checkpoint with the new values, and config.json records the change
+    (`config_changes`: step, key, old and new value) next to the new config.
+    """
+    workdir = epath.Path(workdir)
+    path = workdir / CONFIG_FILE
+    current = json.loads(config_to_json(config))
+    has_checkpoints = (workdir / CHECKPOINT_DIR).exists() and any((workdir / CHECKPOINT_DIR).iterdir())
+    accepted = parse_accepted_keys(config.get("accept_changed_keys"), flatten_config(current))
+    history = []
+    if path.exists() and has_checkpoints:
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as error:
+            raise UserError(f"{path} is not valid JSON ({error}); expected the config of the run in this workdir.")
+        history = list(saved.get(CONFIG_CHANGES_KEY, []))
+        differing = _differing_keys(flatten_config(saved), flatten_config(current))
+        refused = [item for item in differing if not _is_accepted(item[0], accepted)]
+        if refused:
+            raise UserError(_refusal_message(workdir, refused, resume_step))
+        if differing:
+            history.append({"step": resume_step, "changes": {key: [old, new] for key, old, new in differing}})
+    if history:
+        current[CONFIG_CHANGES_KEY] = history
+    if jax.process_index() == 0:
+        write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+def parse_accepted_keys(text: str | None, config_keys: Mapping[str, Any]) -> tuple[str, ...]:
+    """'optimizer.learning_rate, aux.' -> ('optimizer.learning_rate', 'aux.'); each must name config keys."""
+    accepted = tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    for key in accepted:
+        if not any(_is_accepted(config_key, (key,)) for config_key in config_keys):
+            raise UserError(f"config.accept_changed_keys names {key!r}, which is no config key; expected "
+                             "comma-separated dotted keys such as 'optimizer.learning_rate' or groups such as "
+                             "'optimizer.'.")
+    return accepted
+
+
+def _is_accepted(key: str, accepted: tuple[str, ...]) -> bool:
+    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in accepted)
+
+
+def _refusal_message(workdir: epath.Path, differing: list[tuple[str, Any, Any]], resume_step: int | None) -> str:
+    details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing[:12])
+    keys = ",".join(key for key, _, _ in differing)
+    where = f"its last checkpoint (step {resume_step})" if resume_step else "its last checkpoint"
+    return (f"Workdir {workdir} holds checkpoints of a run with another config ({details}); expected the config it "
+            f"was started with, or continue from {where} with the new values: "
+            f"--config.accept_changed_keys={keys} (recorded in {workdir / CONFIG_FILE}), or start a new run from "
+            f"it: --workdir=NEW_WORKDIR --config.init_from.path={workdir} --config.init_from.scope=main.")
+
+
+# Config keys added after runs may have been started, with the value that reproduces the behaviour from before
+# them: a workdir whose config.json lacks such a key resumes when the key has that value.
+ADDED_KEYS = {"init_from.base_lr_scale": 1.0, "optimizer.schedule": "poly", "model.pretrained_required": False,
+              "search.devices": 0}
+ADDED_KEYS.update({f"weighting.{key}": value
+                   for key, value in flatten_config(weighting_lib.DEFAULT_OPTIONS).items()})
+
+
+def _differing_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    keys = sorted(set(saved) | set(current))
+
+    def added_as_before(key: str) -> bool:
+        return key not in saved and key in ADDED_KEYS and current.get(key) == ADDED_KEYS[key]
+
+    return [(key, saved.get(key), current.get(key)) for key in keys
+            if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_KEYS) and not added_as_before(key)]
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename, so a reader never sees half a file."""
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_results(workdir) -> dict:
+    """The results.json record of a finished run (`workdir` or the file itself)."""
+    path = epath.Path(workdir)
+    file = path if path.is_file() else path / RESULTS_FILE
+    if not file.is_file():
+        raise MissingInputError(f"{file} does not exist; expected the {RESULTS_FILE} a finished run writes.")
+    try:
+        return json.loads(file.read_text())
+    except ValueError as error:
+        raise UserError(f"{file} is not valid JSON ({error}); expected the {RESULTS_FILE} a finished run writes.")
+
+
+def read_metrics_lines(workdir) -> list[dict]:
+    """The parsed lines of WORKDIR/metrics.jsonl; an unparsable last line (a write cut short by a kill) is dropped."""
+    path = epath.Path(workdir)
+    file = path if path.is_file() else path / METRICS_FILE
+    lines = file.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) - 1:
+                break
+            raise UserError(f"{file}: line {number + 1} is not JSON; expected one JSON object per line.") from None
+    return records

@@ -26,7 +26,7 @@ import numpy as np
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import errors
-from auxmtl_jax.analysis import figures
+from auxmtl_jax.analysis import images
 from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models import MultiTaskModel, build_model
 
@@ -117,11 +117,11 @@ def colour_outputs(outputs: dict[str, np.ndarray], num_classes: int | None) -> d
     """One uint8 RGB image per task for a single example: class colours, a depth colour map, normals as RGB."""
     coloured = {}
     if "segmentation" in outputs:
-        coloured["segmentation"] = figures.colorize_segmentation(outputs["segmentation"], num_classes)
+        coloured["segmentation"] = images.colorize_segmentation(outputs["segmentation"], num_classes)
     if "depth" in outputs:
-        coloured["depth"] = figures.colorize_depth(outputs["depth"])
+        coloured["depth"] = images.colorize_depth(outputs["depth"])
     if "normal" in outputs:
-        coloured["normal"] = (255 * figures.normals_to_rgb(outputs["normal"])).round().astype(np.uint8)
+        coloured["normal"] = (255 * images.normals_to_rgb(outputs["normal"])).round().astype(np.uint8)
     return coloured
 
 

@@ -21,7 +21,7 @@ from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
 from auxmtl_jax import variants
 from auxmtl_jax import workdir as workdir_lib
-from auxmtl_jax.analysis import figures, search_plot
+from auxmtl_jax.analysis import figures, images, search_plot
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.nas import search as search_lib
 from auxmtl_jax.training import checks, loop
@@ -121,10 +121,11 @@ def _write_prediction_figure(config, workdir: epath.Path, trained: loop.TrainedR
     model, state, dataset = trained.model, trained.state, trained.dataset
     batch = next(iter(trained.eval_data))
     count = min(4, len(batch["image"]))
-    images = {key: np.asarray(value[:count]) for key, value in batch.items()}
-    predictions = jax.device_get(model.predict(jax.device_get(main_variables(state)), images["image"]))
-    targets = {task: images[task] for task in predictions}
-    paths = figures.write_prediction_grid(images["image"], predictions, targets, str(workdir / workdir_lib.PREDICTIONS_FIGURE),
+    examples = {key: np.asarray(value[:count]) for key, value in batch.items()}
+    predictions = jax.device_get(model.predict(jax.device_get(main_variables(state)), examples["image"]))
+    targets = {task: examples[task] for task in predictions}
+    paths = images.write_prediction_grid(examples["image"], predictions, targets,
+                                         str(workdir / workdir_lib.PREDICTIONS_FIGURE),
                                          num_classes=dataset.num_classes,
                                          denormalise=(config.input.mean, config.input.std))
     log.info("wrote %s", ", ".join(map(str, paths)))

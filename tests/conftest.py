@@ -1,10 +1,16 @@
-"""Test-wide setup: four virtual CPU devices (set before JAX starts) and a compilation cache shared by the workers.
+"""Test-wide setup: four virtual CPU devices (set before JAX starts), a compilation cache shared by the workers, and
+every test folder on sys.path (tests share helpers by module name: `from test_train import tiny_config`).
+
+The folders mirror the package; tests/e2e/ holds the end-to-end runs of the training program, all marked `slow`
+(`pytest -m "not slow"` is the quick loop).
 
 Many end-to-end tests compile the same train step (the same config trained straight, killed and resumed, on 1 and
 4 devices, ...); JAX's persistent cache lets every worker reuse one compilation instead of repeating it.
 """
 
 import os
+import pathlib
+import sys
 import tempfile
 
 # Tests run tiny networks for a few steps, so compiling dominates: skip LLVM's expensive optimisations.
@@ -19,3 +25,18 @@ jax.config.update("jax_compilation_cache_dir", os.environ.get(
     "AUXMTL_TEST_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "auxmtl_jax_test_compilation_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+TESTS = pathlib.Path(__file__).resolve().parent
+for folder in sorted(path for path in TESTS.iterdir() if path.is_dir() and not path.name.startswith((".", "_"))):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`weighting_matrix` tests (7 minutes) run only when the -m expression names them, whatever else -m says."""
+    if "weighting_matrix" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("weighting_matrix")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("weighting_matrix")]

@@ -137,6 +137,7 @@ def on_tiny_data(config, data_dir):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", CONFIG_MODULES)
 def test_every_strategy_trains_two_steps(module, data_dir, tmp_path):
     strategies = strategies_of(get_config(module))
@@ -151,6 +152,7 @@ def test_every_strategy_trains_two_steps(module, data_dir, tmp_path):
         prior_source = prior_source or str(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["decoder=baseline", "decoder=context", "encoder=resnet50"])
 def test_architecture_variants_train_two_steps(variant, data_dir, tmp_path):
     config = on_tiny_data(get_config("nyuv2_two_task", f"runlocal,strategy=auxi_all,{variant}"), data_dir)
@@ -172,6 +174,7 @@ def test_shipped_genotypes_fit_the_demo_network(genotype_file):
     assert set(shapes["params"]["aux"]) == set(nas.load_genotype(genotype_file).tasks)
 
 
+@pytest.mark.slow
 def test_auxi_nas_trains_evaluates_resumes_and_keeps_its_genotype(data_dir, tmp_path):
     """The README's Auxi-NAS run: trains the example genotype with two evaluations and checkpoints, exports `main`
     only, records the genotype; resuming with a changed genotype file is refused, a bad one fails before any

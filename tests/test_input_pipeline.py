@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from auxmtl_jax import input_pipeline
+from auxmtl_jax import augment, input_pipeline
 
 TASKS = ("segmentation", "depth", "normal")
 MEAN, STD = (120.0, 110.0, 100.0), (50.0, 60.0, 70.0)
@@ -60,7 +60,7 @@ def _assert_batches_equal(first, second):
 
 def test_flip_mirrors_and_negates_normal_x():
     example = _hand_made_example()
-    flipped = input_pipeline.flip_horizontal(example)
+    flipped = augment.flip_horizontal(example)
     for key in ("image", "segmentation", "depth"):
         np.testing.assert_array_equal(flipped[key], example[key][:, ::-1])
     np.testing.assert_array_equal(flipped["normal"][..., 0], -example["normal"][:, ::-1, 0])
@@ -70,21 +70,21 @@ def test_flip_mirrors_and_negates_normal_x():
 
 def test_rescale_uses_nearest_labels_and_divides_depth():
     example = _hand_made_example()
-    out = input_pipeline.resize_window(example, 2.0, 0, 0, (8, 12), image_fill=MEAN)
+    out = augment.resize_window(example, 2.0, 0, 0, (8, 12), image_fill=MEAN)
     np.testing.assert_array_equal(out["segmentation"], np.repeat(np.repeat(example["segmentation"], 2, 0), 2, 1))
     np.testing.assert_allclose(out["depth"], np.repeat(np.repeat(example["depth"], 2, 0), 2, 1) / 2.0)
     np.testing.assert_array_equal(out["normal"], np.repeat(np.repeat(example["normal"], 2, 0), 2, 1))
     assert out["segmentation"].dtype == np.int32 and out["image"].dtype == np.float32
     uniform = dict(example, image=np.full((4, 6, 3), 77, np.uint8))
-    np.testing.assert_allclose(input_pipeline.resize_window(uniform, 0.5, 0, 0, (2, 3), image_fill=MEAN)["image"],
+    np.testing.assert_allclose(augment.resize_window(uniform, 0.5, 0, 0, (2, 3), image_fill=MEAN)["image"],
                                77.0)
-    kept = input_pipeline.resize_window(example, 2.0, 0, 0, (8, 12), image_fill=MEAN, divide_depth=False)
+    kept = augment.resize_window(example, 2.0, 0, 0, (8, 12), image_fill=MEAN, divide_depth=False)
     np.testing.assert_allclose(kept["depth"], np.repeat(np.repeat(example["depth"], 2, 0), 2, 1))
 
 
 def test_window_outside_the_image_is_padding():
     example = _hand_made_example()
-    out = input_pipeline.resize_window(example, 1.0, -2, -1, (7, 8), image_fill=MEAN)
+    out = augment.resize_window(example, 1.0, -2, -1, (7, 8), image_fill=MEAN)
     inside = np.zeros((7, 8), bool)
     inside[2:6, 1:7] = True
     np.testing.assert_array_equal(out["segmentation"][2:6, 1:7], example["segmentation"])
@@ -92,7 +92,7 @@ def test_window_outside_the_image_is_padding():
     assert np.all(out["segmentation"][~inside] == 255)
     assert np.all(out["depth"][~inside] == 0) and np.all(out["normal"][~inside] == 0)
     np.testing.assert_array_equal(out["image"][~inside], np.broadcast_to(MEAN, (int((~inside).sum()), 3)))
-    normalised = input_pipeline.normalise_image(out["image"], MEAN, STD)
+    normalised = augment.normalise_image(out["image"], MEAN, STD)
     assert np.all(normalised[~inside] == 0)
 
 
@@ -254,6 +254,7 @@ def _leftovers(data_dir):
                   if path.name.startswith((input_pipeline.TFDS_INCOMPLETE_PREFIX, input_pipeline.DOWNLOADS_PREFIX)))
 
 
+@pytest.mark.slow
 def test_next_build_removes_what_a_killed_build_left(tmp_path):
     data_dir = tmp_path / "tfds"
     killed = subprocess.run([sys.executable, "-c", _BUILD_KILLED_MIDWAY, str(data_dir)], capture_output=True,

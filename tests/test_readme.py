@@ -24,6 +24,7 @@ def test_the_pages_have_their_model_blocks():
     assert sorted(name.split()[0] for name, _ in BLOCKS) == ["docs/models.md", "docs/nas.md"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,block", BLOCKS, ids=[name for name, _ in BLOCKS])
 def test_model_block_runs_as_written(name, block):
     namespace = {}

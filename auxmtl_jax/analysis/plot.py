@@ -23,7 +23,7 @@ from auxmtl_jax import errors
 from auxmtl_jax.analysis import figures, search_plot
 from auxmtl_jax.analysis.figures import AnalysisInputError
 from auxmtl_jax.analysis.genotype_plot import plot_genotype
-from auxmtl_jax.nas import load_genotype
+from auxmtl_jax.models.genotype import load_genotype
 
 
 def resolve_runs(specs: Sequence[str], required_file: str) -> dict[str, Path]:

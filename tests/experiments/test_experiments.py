@@ -203,6 +203,7 @@ def finished_pair(data_dir, tmp_path_factory):
     return root, written
 
 
+@pytest.mark.slow
 def test_a_tiny_experiment_writes_its_report(finished_pair):
     root, written = finished_pair
     assert {path.name for path in written} == {"report.md", "summary.json", "fig3_intervals.png",
@@ -240,6 +241,7 @@ def _checkpoint_files(root):
                   if "checkpoint" in str(path.relative_to(root)))
 
 
+@pytest.mark.slow
 def test_report_re_renders_in_another_convention_without_training(finished_pair, monkeypatch, tmp_path, capsys):
     root, _ = finished_pair
     before = _checkpoint_files(root)
@@ -282,6 +284,7 @@ def _re_render_in_headline_convention(root, before, tmp_path, capsys):
     assert "![fig5_main_gradient.png]" in (copy / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_claims_prints_one_table_across_experiment_dirs(finished_pair, capsys):
     root, _ = finished_pair
     experiments_main(["claims", str(root)])
@@ -294,6 +297,7 @@ def test_claims_prints_one_table_across_experiment_dirs(finished_pair, capsys):
     assert lines[2].endswith(f"| {seg['holm_p_value']:.3f} ({seg['p_value']:.3f}) | {seg['verdict']} |")
 
 
+@pytest.mark.slow
 def test_report_bad_inputs_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         experiments_main(["report", str(tmp_path), "--delta_m=mean"])
@@ -308,6 +312,7 @@ def test_report_bad_inputs_are_one_line(tmp_path, capsys):
     assert "no summary.json; expected an experiment dir that has reported" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_re_running_a_finished_experiment_trains_nothing(finished_pair, data_dir, monkeypatch):
     root, _ = finished_pair
     before = (root / "summary.json").read_text()
@@ -320,12 +325,14 @@ def test_re_running_a_finished_experiment_trains_nothing(finished_pair, data_dir
     assert json.loads((root / "summary.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
+@pytest.mark.slow
 def test_another_size_in_the_same_dir_is_refused(finished_pair, data_dir):
     root, _ = finished_pair
     with pytest.raises(UserError, match=r"holds another experiment setting .*'size': \('tiny', 'cpu'\)"):
         run_and_report(PAIR, str(root), seeds=2, size="cpu", overrides=[f"dataset.data_dir={data_dir}"])
 
 
+@pytest.mark.slow
 def test_a_killed_experiment_resumes_to_the_uninterrupted_result(finished_pair, data_dir, tmp_path, monkeypatch):
     uninterrupted, _ = finished_pair
     root = tmp_path / "killed"
@@ -370,6 +377,7 @@ print(jax.config.jax_compilation_cache_dir)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user_cache", [None, "user_cache"])
 def test_the_command_line_caches_compilations_in_the_experiment_dir_unless_the_user_set_a_cache(user_cache, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "JAX_COMPILATION_CACHE_DIR"}

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from auxmtl_jax.analysis import figures, gradients, plot
+from auxmtl_jax.analysis import figures, gradients, images, plot
 
 TASKS = ("segmentation", "depth", "normal")
 
@@ -354,14 +354,14 @@ def test_prediction_grid_accepts_uint8_or_denormalised_images(tmp_path):
     pixels = rng.integers(0, 256, (1, 8, 8, 3)).astype(np.uint8)
     mean, std = (120.0, 110.0, 100.0), (60.0, 55.0, 50.0)
     normalised = (pixels - np.array(mean)) / np.array(std)
-    np.testing.assert_array_equal(figures.display_images(normalised.astype(np.float32), (mean, std)), pixels)
+    np.testing.assert_array_equal(images.display_images(normalised.astype(np.float32), (mean, std)), pixels)
     out = tmp_path / "grid.png"
-    assert figures.write_prediction_grid(pixels, {"segmentation": labels}, {"segmentation": labels}, out,
+    assert images.write_prediction_grid(pixels, {"segmentation": labels}, {"segmentation": labels}, out,
                                          num_classes=3) == [out]
     _assert_images([out], [".png"])
     with pytest.raises(figures.AnalysisInputError, match=r"need denormalise=\(mean, std\)"):
-        figures.write_prediction_grid(normalised, {"segmentation": labels}, {}, tmp_path / "bad.png", num_classes=3)
+        images.write_prediction_grid(normalised, {"segmentation": labels}, {}, tmp_path / "bad.png", num_classes=3)
     with pytest.raises(figures.AnalysisInputError, match="4 logit channels; expected num_classes=3"):
-        figures.write_prediction_grid(pixels, {"segmentation": np.zeros((1, 8, 8, 4))}, {}, tmp_path / "bad.png",
+        images.write_prediction_grid(pixels, {"segmentation": np.zeros((1, 8, 8, 4))}, {}, tmp_path / "bad.png",
                                       num_classes=3)
     assert not (tmp_path / "bad.png").exists()

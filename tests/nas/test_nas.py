@@ -17,7 +17,7 @@ from auxmtl_jax import tasks as task_lib
 from auxmtl_jax.models import build_model
 from test_models import TASKS, model_config, random_batch, random_variables
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "genotypes" / "example_three_task.json"
 STAGES = ("stage2", "stage3", "stage4", "stage5")
 # 40x48 gives odd sizes on the deeper stages (10x12, 5x6, 3x3, 2x2), so pooling borders are exercised.

@@ -19,7 +19,7 @@ from auxmtl_datasets.sunrgbd import Sunrgbd, SunrgbdConfig
 from auxmtl_datasets.sunrgbd import sunrgbd_dataset_builder as sun
 from auxmtl_jax import geometry
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 SUN_META, NYU_META = SHARED / "sunrgbd-meta", SHARED / "nyuv2-meta"
 SMALL = (48, 64)
 PLANE_NORMAL = np.array([-0.2, 0.5, -0.84]) / np.linalg.norm([-0.2, 0.5, -0.84])

@@ -20,7 +20,7 @@ from auxmtl_datasets.nyu_v2 import builder_support as support
 from auxmtl_datasets.nyu_v2 import nyu_v2_dataset_builder as nyu
 from auxmtl_jax import geometry
 
-META = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "nyuv2-meta"
+META = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "nyuv2-meta"
 needs_meta = pytest.mark.skipif(not META.is_dir(), reason=f"real NYUv2 metadata not found at {META}")
 SMALL = (48, 64)
 MTAN_SHAPE = nyu.MTAN_SIZE

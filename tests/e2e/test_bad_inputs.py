@@ -28,7 +28,7 @@ from auxmtl_jax import programs
 from test_nyu_v2 import _write_mtan
 from test_pretrained import torchvision_mobilenet_v2_state_dict
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RUNLOCAL = "configs/synthetic_three_task.py:runlocal,strategy=joint"
 
 

@@ -10,7 +10,7 @@ from auxmtl_jax.analysis import plot
 from auxmtl_jax.analysis.genotype_plot import HEAD_EDGE_GID, OP_EDGE_GID, genotype_edges, genotype_figure
 from auxmtl_jax.nas import basic_genotype, load_genotype, output_locations
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "example_three_task.json"
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "genotypes" / "example_three_task.json"
 
 
 def _expected_edges(raw):

@@ -69,8 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.deep_supervision.tasks = ()
     config.deep_supervision.weight = 0.1
 
-    # A method of auxmtl_jax.weighting (equal, kendall, dwa, rlw, famo, gradnorm, mgda, pcgrad, cagrad, imtl_g,
-    # aligned_mtl, nash_mtl); config.weighting holds every method's hyper-parameters and aux_as_tasks.
+    # A method of auxmtl_jax.weighting (equal, kendall, dwa, rlw, famo, gradnorm, mgda, mgda_ub, pcgrad, cagrad,
+    # imtl_g, aligned_mtl, nash_mtl) or a loss weighting chained with a treatment ('kendall+pcgrad');
+    # config.weighting holds every method's hyper-parameters and aux_as_tasks.
     config.loss_weighting = "equal"
     config.weighting = weighting.default_options()
 

@@ -155,11 +155,11 @@ def create_sharded_train_state(config, model: MultiTaskModel, mesh: Mesh):
 
 
 def run_weighting(config) -> weighting_lib.LossWeighting:
-    """The run's weighting; DWA's default period (one epoch) is taken from the size of the training split."""
-    steps_per_epoch = None
-    if config.loss_weighting == "dwa" and not config.weighting.dwa.period_steps:
-        train_examples = input_pipeline.split_size(config.dataset, config.dataset.train_split)
-        steps_per_epoch = max(1, train_examples // config.batch_size)
+    """The run's weighting; a method that counts in epochs (DWA's default period) asks for the epoch's length,
+    which is read from the size of the training split only then."""
+    def steps_per_epoch() -> int:
+        return max(1, input_pipeline.split_size(config.dataset, config.dataset.train_split) // config.batch_size)
+
     return weighting_lib.from_config(config, steps_per_epoch=steps_per_epoch)
 
 

@@ -71,13 +71,19 @@ def train_step(state: TrainState, batch, genotype: jax.Array | None = None, *, m
     return new_state, step_metrics
 
 
-def gradient_statistics(state: TrainState, batch, coordinates, *, model: MultiTaskModel, config) -> dict:
-    """Fig. 5 statistics: mean |grad| of sampled encoder weights, in total and split into main and aux parts."""
+def gradient_statistics(state: TrainState, batch, coordinates, *, model: MultiTaskModel, config,
+                        weighting: weighting_lib.LossWeighting | None = None) -> dict:
+    """Fig. 5 statistics: mean |grad| of sampled encoder weights, in total and split into main and aux parts.
+
+    The main part follows the weighting's main-task objective (Kendall's weighted sum; the plain sum otherwise).
+    """
+    weighting = weighting or weighting_lib.from_config(config, steps_per_epoch=1)
+
     def loss_parts(encoder_params):
         params = dict(state.params)
         params["main"] = {**params["main"], "encoder": encoder_params}
         terms, _ = loss_terms(model, config, params, state.batch_stats, batch)
-        main_loss = weighting_lib.fig5_main_loss(params.get("loss_weighting", {}), terms, config.loss_weighting)
+        main_loss = weighting.main_objective(params.get("loss_weighting", {}), weighting_lib.main_terms(terms))
         return main_loss, weighting_lib.other_terms_sum(terms)
 
     return gradients.gradient_log_entries(loss_parts, state.params, coordinates)
@@ -98,6 +104,6 @@ def step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding, we
                           weighting=weighting),
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
         donate_argnums=0)
-    grad_fn = jax.jit(functools.partial(gradient_statistics, model=model, config=config),
+    grad_fn = jax.jit(functools.partial(gradient_statistics, model=model, config=config, weighting=weighting),
                       in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=replicated)
     return step_fn, grad_fn

@@ -17,16 +17,21 @@
 | `imtl_g`      | per-task gradients  | Liu et al. 2021 (IMTL)        |                                           |
 | `aligned_mtl` | per-task gradients  | Senushkin et al. 2023         |                                           |
 | `nash_mtl`    | per-task gradients  | Navon et al. 2022             | max_norm 1.0, iterations 20               |
+| `<loss>+<treatment>` | chain        | e.g. `kendall+pcgrad`         | each part's own                           |
 
-A weighting is an optax-style bundle of pure functions (`core.LossWeighting`); its learned parameters live at
-`params['loss_weighting']` and its state in `TrainState.weighting_state`, so checkpoints resume it exactly.
+Each method is an optax-style pair of pure functions (`base.Method`: `init(names) -> state`, a NamedTuple, and
+`update(losses, gram, state, rng, params, names) -> (coefficients, state)`), built by its constructor from its
+hyper-parameters. `config.loss_weighting='kendall+pcgrad'` chains a loss weighting with a gradient treatment
+(`chaining.chain`): the treatment combines the weighted tasks' gradients. A loss weighting's learned parameters live
+at `params['loss_weighting']` and the state in `TrainState.weighting_state`, so checkpoints resume it exactly.
 Per-task gradients come from one `jax.vmap` of the VJP; the treatments act on the shared encoder's gradient
-(`core.shared_mask`). Aux and deep-supervision terms are added unweighted after the weighting (the paper's
+(`base.shared_mask`). Aux and deep-supervision terms are added unweighted after the weighting (the paper's
 Eq. 3); `weighting.aux_as_tasks=True` weights / treats each aux term as one more task.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -34,21 +39,26 @@ import jax.numpy as jnp
 import ml_collections
 
 from auxmtl_jax.errors import UserError
-from auxmtl_jax.weighting import gradient_treatments, loss_weightings
-from auxmtl_jax.weighting.core import (AUX_PREFIX, MAIN_PREFIX, LossWeighting, Weighted, shared_mask, term_name,
+from auxmtl_jax.weighting import core, gradient_treatments, loss_weightings
+from auxmtl_jax.weighting.base import (AUX_PREFIX, MAIN_PREFIX, EmptyState, Method, shared_mask, term_name,
                                        weighted_names)
+from auxmtl_jax.weighting.chaining import Chain, ChainError, Coefficients, chain
+from auxmtl_jax.weighting.core import LossWeighting, Weighted
 
-__all__ = ["AUX_PREFIX", "DEFAULT_OPTIONS", "LossWeighting", "MAIN_PREFIX", "WEIGHTINGS", "Weighted",
-           "default_options", "from_config", "get_weighting", "shared_mask", "state_names", "term_name",
-           "weighted_names"]
+__all__ = ["AUX_PREFIX", "DEFAULT_OPTIONS", "Chain", "ChainError", "Coefficients", "EmptyState", "LossWeighting",
+           "MAIN_PREFIX", "Method", "WEIGHTINGS", "Weighted", "build_method", "chain", "default_options",
+           "from_config", "get_weighting", "main_terms", "other_terms_sum", "shared_mask",
+           "state_names", "term_name", "weighted_names"]
 
-WEIGHTINGS: dict[str, Callable[[Any, bool], LossWeighting]] = {
+# name -> constructor; its keyword arguments are the options `config.weighting.<name>.*`, their defaults the
+# defaults (CONTEXT arguments excepted).
+WEIGHTINGS: dict[str, Callable[..., Method]] = {
     "equal": loss_weightings.equal,
     "kendall": loss_weightings.kendall,
     "dwa": loss_weightings.dwa,
     "rlw": loss_weightings.rlw,
     "famo": loss_weightings.famo,
-    "gradnorm": loss_weightings.gradnorm,
+    "gradnorm": gradient_treatments.gradnorm,
     "mgda": gradient_treatments.mgda,
     "mgda_ub": gradient_treatments.mgda_ub,
     "pcgrad": gradient_treatments.pcgrad,
@@ -59,15 +69,19 @@ WEIGHTINGS: dict[str, Callable[[Any, bool], LossWeighting]] = {
 }
 
 OPTIONS_OF = {"mgda_ub": "mgda"}  # methods that share another method's options
+CONTEXT = ("steps_per_epoch",)  # constructor arguments the run supplies, not the config
+CHAIN_SEPARATOR = "+"
+
+
+def _options(constructor: Callable[..., Method]) -> dict[str, Any]:
+    return {name: parameter.default for name, parameter in inspect.signature(constructor).parameters.items()
+            if name not in CONTEXT}
+
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "aux_as_tasks": False,
-    "dwa": {"temperature": 2.0, "period_steps": 0},
-    "famo": {"learning_rate": 0.025, "weight_decay": 0.01},
-    "gradnorm": {"alpha": 1.5, "learning_rate": 0.025},
-    "mgda": {"normalization": "none"},
-    "cagrad": {"c": 0.4, "rescale": 1},
-    "nash_mtl": {"max_norm": 1.0, "iterations": 20},
+    **{name: _options(constructor) for name, constructor in WEIGHTINGS.items()
+       if name not in OPTIONS_OF and _options(constructor)},
 }
 
 
@@ -76,52 +90,41 @@ def default_options() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(DEFAULT_OPTIONS)
 
 
-def _check_options(name: str, options) -> None:
-    """One UserError naming the bad `config.weighting.*` value of the chosen method."""
-    def number(key: str, *, minimum: float, strict: bool, integer: bool = False):
-        value = options[name][key]
-        ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-        if not ok or value < minimum or (strict and value == minimum):
-            kind = "an integer" if integer else "a number"
-            raise UserError(f"config.weighting.{name}.{key}={value!r}; expected {kind} "
-                            f"{'>' if strict else '>='} {minimum}.")
+def build_method(name: str, options=None, *, steps_per_epoch: int | Callable[[], int] | None = None) -> Method:
+    """The single method registered under `name`, with its options from `options` (a `config.weighting`)."""
+    options = default_options() if options is None else _with_defaults(options)
+    constructor = WEIGHTINGS[name]
+    key = OPTIONS_OF.get(name, name)
+    kwargs = {option: options[key][option] for option in DEFAULT_OPTIONS.get(key, {})}
+    if "steps_per_epoch" in inspect.signature(constructor).parameters:
+        kwargs["steps_per_epoch"] = steps_per_epoch
+    return constructor(**kwargs)
 
-    if name == "dwa":
-        number("temperature", minimum=0, strict=True)
-        number("period_steps", minimum=0, strict=False, integer=True)
-    elif name in ("famo", "gradnorm"):
-        number("learning_rate", minimum=0, strict=True)
-        number("weight_decay" if name == "famo" else "alpha", minimum=0, strict=False)
-    elif name == "cagrad":
-        number("c", minimum=0, strict=False)
-        if options.cagrad.rescale not in gradient_treatments.CAGRAD_RESCALES:
-            raise UserError(f"config.weighting.cagrad.rescale={options.cagrad.rescale!r}; expected one of "
-                            f"{gradient_treatments.CAGRAD_RESCALES}.")
-    elif name in ("mgda", "mgda_ub") and options.mgda.normalization not in gradient_treatments.MGDA_NORMALIZATIONS:
-        raise UserError(f"config.weighting.mgda.normalization={options.mgda.normalization!r}; expected one of "
-                        f"{', '.join(gradient_treatments.MGDA_NORMALIZATIONS)}.")
-    elif name == "nash_mtl":
-        number("max_norm", minimum=0, strict=False)
-        number("iterations", minimum=1, strict=False, integer=True)
+
+def get_weighting(name: str, options=None, *,
+                  steps_per_epoch: int | Callable[[], int] | None = None) -> LossWeighting:
+    """The weighting `name` names (one method, or a loss weighting and a treatment joined by '+') with `options`
+    (a `config.weighting`; the defaults when None).
+
+    `steps_per_epoch` (or a function returning it, called only when needed) resolves DWA's `period_steps=0`.
+    """
+    parts = [part.strip() for part in name.split(CHAIN_SEPARATOR)] if isinstance(name, str) else [name]
+    for part in parts:
+        if part not in WEIGHTINGS:
+            known = ", ".join(WEIGHTINGS)
+            if len(parts) == 1:
+                raise UserError(f"config.loss_weighting={name!r} is unknown; expected one of: {known}.")
+            raise UserError(f"config.loss_weighting={name!r} names {part!r}, which is unknown; expected "
+                            f"'{CHAIN_SEPARATOR}'-joined names from: {known}.")
+    options = default_options() if options is None else _with_defaults(options)
+    methods = [build_method(part, options, steps_per_epoch=steps_per_epoch) for part in parts]
     if not isinstance(options.aux_as_tasks, bool):
         raise UserError(f"config.weighting.aux_as_tasks={options.aux_as_tasks!r}; expected True or False.")
-
-
-def get_weighting(name: str, options=None, *, steps_per_epoch: int | None = None) -> LossWeighting:
-    """The weighting registered under `name` with `options` (a `config.weighting`; the defaults when None).
-
-    `steps_per_epoch` resolves DWA's `period_steps=0` (one epoch).
-    """
-    if name not in WEIGHTINGS:
-        raise UserError(f"config.loss_weighting={name!r} is unknown; expected one of: {', '.join(WEIGHTINGS)}.")
-    options = default_options() if options is None else _with_defaults(options)
-    _check_options(name, options)
-    if name == "dwa" and options.dwa.period_steps == 0:
-        if not steps_per_epoch:
-            raise ValueError("dwa with weighting.dwa.period_steps=0 (one epoch) needs steps_per_epoch")
-        options = ml_collections.ConfigDict(options.to_dict())
-        options.dwa.period_steps = int(steps_per_epoch)
-    return WEIGHTINGS[name](options.get(OPTIONS_OF.get(name, name)), options.aux_as_tasks)
+    try:
+        chained = chain(*methods)
+    except ChainError as error:
+        raise UserError(f"config.loss_weighting={name!r}: {error}") from error
+    return core.build(chained, options.aux_as_tasks)
 
 
 def _with_defaults(options) -> ml_collections.ConfigDict:
@@ -135,8 +138,9 @@ def _with_defaults(options) -> ml_collections.ConfigDict:
     return merged
 
 
-def from_config(config, steps_per_epoch: int | None = None) -> LossWeighting:
-    """The weighting `config.loss_weighting` names, with `config.weighting`'s options."""
+def from_config(config, steps_per_epoch: int | Callable[[], int] | None = None) -> LossWeighting:
+    """The weighting `config.loss_weighting` names, with `config.weighting`'s options. `steps_per_epoch` may be a
+    function: it is called only when a method needs it (DWA with `period_steps=0`)."""
     return get_weighting(config.loss_weighting, config.get("weighting"), steps_per_epoch=steps_per_epoch)
 
 
@@ -154,13 +158,3 @@ def main_terms(terms: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 def other_terms_sum(terms: Mapping[str, jax.Array]) -> jax.Array:
     """Sum of the non-main terms (aux, deep supervision)."""
     return sum((value for key, value in terms.items() if not key.startswith(MAIN_PREFIX)), jnp.zeros(()))
-
-
-def fig5_main_loss(weighting_params: dict, terms: Mapping[str, jax.Array], name: str) -> jax.Array:
-    """The main-task part of the objective that Fig. 5's gradient statistics differentiate: Kendall's weighted sum
-    for `kendall`, the plain sum of the main losses for every other method (their weights are not a loss)."""
-    losses = main_terms(terms)
-    if name != "kendall":
-        return sum(losses.values(), jnp.zeros(()))
-    return sum((0.5 * jnp.exp(-weighting_params["log_var"][task]) * loss + 0.5 * weighting_params["log_var"][task]
-                for task, loss in losses.items()), jnp.zeros(()))

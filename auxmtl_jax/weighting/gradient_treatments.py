@@ -1,15 +1,22 @@
 """Gradient treatments: each maps the Gram matrix of the tasks' shared gradients to the coefficients c of the
-shared update Σ_t c_t·g_t (`core.gradient_treatment`). Decoders keep their own task's plain gradient.
+shared update Σ_t c_t·g_t (`core.treated_step`). Decoders keep their own task's plain gradient, except under
+GradNorm and MGDA-UB, whose coefficients weight the losses (scope 'all').
 
-Each coefficient function is pure and works on any T×T Gram matrix, so it is checked on tiny vectors by hand.
+Each coefficient function is pure and works on any T×T Gram matrix, so it is checked on tiny vectors by hand; each
+constructor takes the method's hyper-parameters (checked there) and returns its `base.Method`.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
+import optax
 
-from auxmtl_jax.weighting import core, solvers
+from auxmtl_jax.errors import UserError
+from auxmtl_jax.weighting import solvers
+from auxmtl_jax.weighting.base import GRADIENT, REPRESENTATION, Method, check_number, init_empty_state
 
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 CAGRAD_RESCALES = (0, 1, 2)
@@ -113,45 +120,110 @@ def nash_mtl_coefficients(gram: jax.Array, max_norm: float = 1.0, iterations: in
     return alpha
 
 
-def stateless(name: str, coefficients_fn, *, aux_as_tasks: bool) -> core.LossWeighting:
-    """A treatment whose coefficients depend on the Gram matrix (and the losses and rng) only."""
-    return core.gradient_treatment(name, lambda gram, losses, state, rng: (coefficients_fn(gram, losses, rng), state),
-                                   aux_as_tasks=aux_as_tasks)
+def gradnorm_gradient(weights: jax.Array, norms: jax.Array, losses: jax.Array, initial_losses: jax.Array,
+                      alpha: float) -> jax.Array:
+    """The gradient of GradNorm's loss (Chen et al. 2018) in the loss weights w.
+
+    With G_t = w_t‖g_t‖, r_t = (L_t/L_t(0)) / mean_s(L_s/L_s(0)) and the target mean_s(G_s)·r_t^α held constant,
+    the loss Σ_t |G_t − target_t| has gradient sign(G_t − target_t)·‖g_t‖.
+    """
+    ratios = losses / jnp.maximum(initial_losses, 1e-12)
+    relative = ratios / jnp.maximum(jnp.mean(ratios), 1e-12)
+    targets = jax.lax.stop_gradient(jnp.mean(weights * norms) * relative ** alpha)
+    return jnp.sign(weights * norms - targets) * norms
 
 
-def mgda(options, aux_as_tasks: bool) -> core.LossWeighting:
-    normalization = options.normalization
-    return stateless("mgda", lambda gram, losses, rng: mgda_coefficients(gram, losses, normalization),
-                     aux_as_tasks=aux_as_tasks)
+def renormalised(weights: jax.Array) -> jax.Array:
+    """GradNorm's weights after a step: clipped at 0 and rescaled to sum to T."""
+    weights = jnp.maximum(weights, 0.0)
+    return weights.shape[0] * weights / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
-def mgda_ub(options, aux_as_tasks: bool) -> core.LossWeighting:
-    normalization = options.normalization
-    return core.representation_treatment(
-        "mgda_ub", lambda gram, losses, state, rng: (mgda_coefficients(gram, losses, normalization), state),
-        aux_as_tasks=aux_as_tasks)
+def stateless(name: str, coefficients_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], *,
+              kind: str = GRADIENT, scope: str = "shared") -> Method:
+    """A treatment whose coefficients `coefficients_fn(gram, losses, rng)` depend on nothing else."""
+    def update(losses, gram, state, rng, params, names):
+        return coefficients_fn(gram, losses, rng), state
+
+    return Method(name, kind, init_empty_state, update, scope=scope)
 
 
-def pcgrad(options, aux_as_tasks: bool) -> core.LossWeighting:
-    return stateless("pcgrad", lambda gram, losses, rng: pcgrad_coefficients(gram, rng), aux_as_tasks=aux_as_tasks)
+def _check_normalization(normalization: str) -> None:
+    if normalization not in MGDA_NORMALIZATIONS:
+        raise UserError(f"config.weighting.mgda.normalization={normalization!r}; expected one of "
+                        f"{', '.join(MGDA_NORMALIZATIONS)}.")
 
 
-def cagrad(options, aux_as_tasks: bool) -> core.LossWeighting:
-    c, rescale = float(options.c), int(options.rescale)
-    return stateless("cagrad", lambda gram, losses, rng: cagrad_coefficients(gram, c, rescale),
-                     aux_as_tasks=aux_as_tasks)
+def mgda(normalization: str = "none") -> Method:
+    """MGDA on the shared parameters' gradients (`mgda_coefficients`)."""
+    _check_normalization(normalization)
+    return stateless("mgda", lambda gram, losses, rng: mgda_coefficients(gram, losses, normalization))
 
 
-def imtl_g(options, aux_as_tasks: bool) -> core.LossWeighting:
-    return stateless("imtl_g", lambda gram, losses, rng: imtl_g_coefficients(gram), aux_as_tasks=aux_as_tasks)
+def mgda_ub(normalization: str = "none") -> Method:
+    """MGDA on the gradients of the representation the decoders read (Sener & Koltun's upper bound); its
+    coefficients weight the losses. It shares `config.weighting.mgda`'s options."""
+    _check_normalization(normalization)
+    return stateless("mgda_ub", lambda gram, losses, rng: mgda_coefficients(gram, losses, normalization),
+                     kind=REPRESENTATION, scope="all")
 
 
-def aligned_mtl(options, aux_as_tasks: bool) -> core.LossWeighting:
-    return stateless("aligned_mtl", lambda gram, losses, rng: aligned_mtl_coefficients(gram),
-                     aux_as_tasks=aux_as_tasks)
+def pcgrad() -> Method:
+    return stateless("pcgrad", lambda gram, losses, rng: pcgrad_coefficients(gram, rng))
 
 
-def nash_mtl(options, aux_as_tasks: bool) -> core.LossWeighting:
-    max_norm, iterations = float(options.max_norm), int(options.iterations)
-    return stateless("nash_mtl", lambda gram, losses, rng: nash_mtl_coefficients(gram, max_norm, iterations),
-                     aux_as_tasks=aux_as_tasks)
+def cagrad(c: float = 0.4, rescale: int = 1) -> Method:
+    check_number("cagrad", "c", c, minimum=0, strict=False)
+    if rescale not in CAGRAD_RESCALES:
+        raise UserError(f"config.weighting.cagrad.rescale={rescale!r}; expected one of {CAGRAD_RESCALES}.")
+    c, rescale = float(c), int(rescale)
+    return stateless("cagrad", lambda gram, losses, rng: cagrad_coefficients(gram, c, rescale))
+
+
+def imtl_g() -> Method:
+    return stateless("imtl_g", lambda gram, losses, rng: imtl_g_coefficients(gram))
+
+
+def aligned_mtl() -> Method:
+    return stateless("aligned_mtl", lambda gram, losses, rng: aligned_mtl_coefficients(gram))
+
+
+def nash_mtl(max_norm: float = 1.0, iterations: int = 20) -> Method:
+    check_number("nash_mtl", "max_norm", max_norm, minimum=0, strict=False)
+    check_number("nash_mtl", "iterations", iterations, minimum=1, strict=False, integer=True)
+    max_norm, iterations = float(max_norm), int(iterations)
+    return stateless("nash_mtl", lambda gram, losses, rng: nash_mtl_coefficients(gram, max_norm, iterations))
+
+
+class GradNormState(NamedTuple):
+    weights: jax.Array  # the loss weights of the next step
+    opt_state: Any  # their Adam state
+    initial_losses: jax.Array  # L(0), recorded at the first step
+    started: jax.Array  # whether L(0) is recorded
+
+
+def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025) -> Method:
+    """GradNorm: loss weights that balance the tasks' gradient norms on the shared encoder (all its parameters,
+    not only the last layer) at rates set by each loss's progress since step 0; α = 1.5 (the paper's NYUv2 value).
+    The weights move by Adam at `learning_rate`, so their step does not depend on the gradients' scale (the paper
+    trains them with the network's optimiser), and are renormalised to sum to T after each step. A treatment
+    because it reads the per-task gradients; its coefficients weight the losses, so every parameter (scope 'all')."""
+    check_number("gradnorm", "learning_rate", learning_rate, minimum=0, strict=True)
+    check_number("gradnorm", "alpha", alpha, minimum=0, strict=False)
+    alpha = float(alpha)
+    tx = optax.adam(float(learning_rate))
+
+    def init(names: Sequence[str]) -> GradNormState:
+        weights = jnp.ones((len(names),), jnp.float32)
+        return GradNormState(weights=weights, opt_state=tx.init(weights), initial_losses=jnp.ones_like(weights),
+                             started=jnp.zeros((), jnp.bool_))
+
+    def update(losses, gram, state: GradNormState, rng, params, names):
+        initial = jnp.where(state.started, state.initial_losses, losses)
+        gradient = gradnorm_gradient(state.weights, gradient_norms(gram), losses, initial, alpha)
+        updates, opt_state = tx.update(gradient, state.opt_state, state.weights)
+        new_weights = renormalised(optax.apply_updates(state.weights, updates))
+        return state.weights, GradNormState(weights=new_weights, opt_state=opt_state, initial_losses=initial,
+                                            started=jnp.ones((), jnp.bool_))
+
+    return Method("gradnorm", GRADIENT, init, update, scope="all")

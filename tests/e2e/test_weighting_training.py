@@ -4,7 +4,7 @@ is part of the train state. The step is jitted with the state donated, as the pr
 
 The full matrix (every method x with/without aux modules: 26 step compilations, about 7 minutes on 2 cores) is
 marked `weighting_matrix` and left out of the default run to keep CI under 20 minutes; run it with
-`pytest -m weighting_matrix tests/test_weighting_training.py`. The default run covers the stateful methods with
+`pytest -m weighting_matrix tests/e2e/test_weighting_training.py`. The default run covers the stateful methods with
 aux modules, one gradient treatment without, and one killed and resumed run of the real program."""
 
 import functools
@@ -16,7 +16,8 @@ from etils import epath
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import input_pipeline
-from auxmtl_jax import train
+from auxmtl_jax import programs
+from auxmtl_jax import training
 from auxmtl_jax import weighting as weighting_lib
 from test_protocol import assert_trees_differ, assert_trees_equal
 from test_train import KilledAfter, assert_trees_close, final_params, logged, tiny_config, train_losses
@@ -64,17 +65,17 @@ def check_training_and_resume(data_dir, tmp_path, method, with_aux):
     config = weighting_config(data_dir, method, with_aux)
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
-    model = train.create_model(config, dataset.num_classes)
-    schedule = train.run_learning_rate_fn(config, STEPS)
+    model = training.create_model(config, dataset.num_classes)
+    schedule = training.run_learning_rate_fn(config, STEPS)
 
     def fresh_state():
-        return train.create_train_state(config, model, jax.random.key(config.seed), schedule)
+        return training.create_train_state(config, model, jax.random.key(config.seed), schedule)
 
     state = jax.device_get(fresh_state()[0])  # a host copy: the step donates the states it is given
     tx = fresh_state()[1]
-    # donated like the program's step (train._step_functions), which refuses a state holding one buffer twice
-    step_fn = jax.jit(functools.partial(train.train_step, model=model, config=config, tx=tx, learning_rate_fn=schedule,
-                                        weighting=train.run_weighting(config)), donate_argnums=0)
+    # donated like the program's step (training.step_functions), which refuses a state holding one buffer twice
+    step_fn = jax.jit(functools.partial(training.train_step, model=model, config=config, tx=tx, learning_rate_fn=schedule,
+                                        weighting=training.run_weighting(config)), donate_argnums=0)
     iterator = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
                                                     global_batch_size=config.batch_size, seed=config.seed)
     batches = [next(iterator) for _ in range(STEPS)]
@@ -93,7 +94,7 @@ def check_training_and_resume(data_dir, tmp_path, method, with_aux):
     checkpointer = checkpoint_lib.Checkpointer(epath.Path(tmp_path), max_to_keep=2)
     checkpointer.save(RESUME_AT, halfway, {"next_batch": RESUME_AT})
     checkpointer.wait()
-    fresh, _ = train.create_train_state(config, model, jax.random.key(config.seed + 1), schedule)
+    fresh, _ = training.create_train_state(config, model, jax.random.key(config.seed + 1), schedule)
     restored, _ = checkpointer.restore(RESUME_AT, fresh)
     checkpointer.close()
     resumed, second_metrics = run_steps(step_fn, restored, batches[RESUME_AT:])
@@ -109,14 +110,14 @@ def check_training_and_resume(data_dir, tmp_path, method, with_aux):
 
 def test_a_killed_famo_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path, monkeypatch):
     config = weighting_config(data_dir, "famo", with_aux=True)
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    programs.run(config, str(tmp_path / "straight"))
 
     create = input_pipeline.create_train_iterator
     monkeypatch.setattr(input_pipeline, "create_train_iterator", lambda *a, **k: KilledAfter(create(*a, **k), 3))
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, str(tmp_path / "killed"))
+        programs.run(config, str(tmp_path / "killed"))
     monkeypatch.setattr(input_pipeline, "create_train_iterator", create)
-    train.train_and_evaluate(config, str(tmp_path / "killed"))
+    programs.run(config, str(tmp_path / "killed"))
 
     assert train_losses(tmp_path / "killed") == pytest.approx(train_losses(tmp_path / "straight"), rel=1e-5)
     weights = {step: {key: value for key, value in record.items() if key.startswith("weight/")}
@@ -133,15 +134,15 @@ def test_a_killed_famo_run_resumes_to_the_uninterrupted_result(data_dir, tmp_pat
 def test_a_checkpoint_written_before_the_weighting_state_existed_resumes(data_dir, tmp_path):
     config = weighting_config(data_dir, "equal", with_aux=False)
     input_pipeline.prepare_dataset(config.dataset)
-    model = train.create_model(config, input_pipeline.dataset_info(config.dataset).num_classes)
-    schedule = train.run_learning_rate_fn(config, STEPS)
-    state, _ = train.create_train_state(config, model, jax.random.key(0), schedule)
+    model = training.create_model(config, input_pipeline.dataset_info(config.dataset).num_classes)
+    schedule = training.run_learning_rate_fn(config, STEPS)
+    state, _ = training.create_train_state(config, model, jax.random.key(0), schedule)
     old_layout = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
                   "opt_state": state.opt_state}
     checkpointer = checkpoint_lib.Checkpointer(epath.Path(tmp_path), max_to_keep=2)
     checkpointer.save(1, old_layout, {"next_batch": 1})
     checkpointer.wait()
-    fresh, _ = train.create_train_state(config, model, jax.random.key(1), schedule)
+    fresh, _ = training.create_train_state(config, model, jax.random.key(1), schedule)
     restored, data_state = checkpointer.restore(1, fresh)
     checkpointer.close()
     assert restored.weighting_state == {} and data_state == {"next_batch": 1}

@@ -147,12 +147,12 @@ def test_dwa_keeps_equal_weights_until_two_periods_are_complete():
 def test_gradnorm_gradient_and_renormalisation_by_hand():
     # norms (2,1), loss ratios (½, 1) -> r = (⅔, 4⁄3); α = 1: targets 1.5·r = (1, 2); G − target = (1, −1)
     # so the gradient sign·norm is (2, −1)
-    gradient = lw.gradnorm_gradient(jnp.ones(2), jnp.asarray([2.0, 1.0]), jnp.ones(2), jnp.asarray([2.0, 1.0]),
+    gradient = gt.gradnorm_gradient(jnp.ones(2), jnp.asarray([2.0, 1.0]), jnp.ones(2), jnp.asarray([2.0, 1.0]),
                                     alpha=1.0)
     np.testing.assert_allclose(gradient, [2.0, -1.0])
-    np.testing.assert_allclose(lw.renormalised(jnp.asarray([0.8, 1.1])), [1.6 / 1.9, 2.2 / 1.9], rtol=1e-6)
-    np.testing.assert_allclose(lw.renormalised(jnp.asarray([-0.2, 1.0])), [0.0, 2.0])
-    zero = lw.gradnorm_gradient(jnp.ones(2), jnp.asarray([2.0, 1.0]), jnp.zeros(2), jnp.zeros(2), alpha=1.5)
+    np.testing.assert_allclose(gt.renormalised(jnp.asarray([0.8, 1.1])), [1.6 / 1.9, 2.2 / 1.9], rtol=1e-6)
+    np.testing.assert_allclose(gt.renormalised(jnp.asarray([-0.2, 1.0])), [0.0, 2.0])
+    zero = gt.gradnorm_gradient(jnp.ones(2), jnp.asarray([2.0, 1.0]), jnp.zeros(2), jnp.zeros(2), alpha=1.5)
     assert bool(jnp.all(jnp.isfinite(zero)))  # all losses 0: no NaN
 
 

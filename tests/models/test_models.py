@@ -133,6 +133,7 @@ def test_ocnet_decoder_starts_without_context_and_predicts_at_feature_resolution
     assert model.main.output_stride == 8
 
 
+@pytest.mark.slow
 def test_resnet_blocks_are_selectable_aux_inputs():
     """aux.features may name any ResNet-50 residual block; a layer's last block is that stage's feature."""
     from auxmtl_jax.models import encoder_features
@@ -352,6 +353,7 @@ def train_flops(model, images, batch):
     return jax.jit(jax.grad(loss)).lower(variables["params"], variables["batch_stats"]).cost_analysis()["flops"]
 
 
+@pytest.mark.slow
 def test_hierarchy_aux_modules_cost_a_small_share_of_training_flops(batch):
     """Aux modules for all three tasks add under AUX_FLOP_SHARE_BOUND of Joint's train FLOPs when they follow the
     encoder's hierarchy (measured 3.0% here and 3.4% at width 1.0, 128x128), but not when they aggregate at the

@@ -203,6 +203,7 @@ def test_static_build_has_only_the_chosen_operations(example, batch):
     assert set(params["normal"]["head"]) == {"from_stage3", "from_stage5", "from_cell3", "bn", "output"}
 
 
+@pytest.mark.slow
 def test_every_op_and_aggregator_runs_in_a_cell_with_cross_task_inputs(batch):
     """One genotype per (op, aggregator): every cell uses that op on both paths; later tasks read earlier tasks'
     cells. Outputs are finite, shaped like the task, and differ between ops (each op does something different)."""
@@ -272,6 +273,7 @@ def carry_basic_variables(variables, genotype):
     return carried
 
 
+@pytest.mark.slow
 def test_one_compiled_function_serves_many_genotypes_and_matches_static_builds(batch):
     space = SMALL_SPACE
     searchable = nas_model(space)
@@ -337,6 +339,7 @@ def test_genotype_argument_is_required_exactly_for_a_searchable_build(example, b
                        variables, batch["image"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", ["static", "searchable"])
 def test_gradients_keep_genotype_aux_and_main_paths_apart(build, batch):
     model = nas_model(SMALL_GENOTYPE if build == "static" else SMALL_SPACE)
@@ -373,6 +376,7 @@ def test_gradients_keep_genotype_aux_and_main_paths_apart(build, batch):
     assert not any(np.any(leaf) for leaf in jax.tree.leaves(depth_only["head"]))
 
 
+@pytest.mark.slow
 def test_a_population_of_genotypes_runs_under_vmap(batch):
     """The search trains several candidates at once: params and genotypes stacked on a leading axis, one vmap."""
     model = nas_model(SMALL_SPACE)

@@ -46,6 +46,7 @@ def genotypes(*seeds):
     return np.stack([nas.random_genotype(SPACE, np.random.default_rng(seed)).as_array() for seed in seeds])
 
 
+@pytest.mark.slow
 def test_population_steps_equal_separate_runs_and_trace_once(setup):
     population = population_lib.start_population(setup.start, genotypes(0, 1))
     population, metrics = setup.step(population, setup.batch)
@@ -64,6 +65,7 @@ def test_population_steps_equal_separate_runs_and_trace_once(setup):
     assert len(setup.traces) == 1
 
 
+@pytest.mark.slow
 def test_polyak_average_and_inactive_candidates(setup):
     population = population_lib.start_population(setup.start, genotypes(4, 5))
     population = population.replace(active=jnp.asarray([True, False]))
@@ -79,6 +81,7 @@ def test_polyak_average_and_inactive_candidates(setup):
     assert int(stepped.train.step[1]) == 0 and int(stepped.train.step[0]) == 1
 
 
+@pytest.mark.slow
 def test_population_sharded_over_a_candidates_axis_equals_one_device(setup):
     mesh = population_lib.candidates_mesh(jax.devices()[:4])
     population = population_lib.start_population(setup.start, genotypes(6, 7, 8, 9))
@@ -121,6 +124,7 @@ def test_sharded_evaluation_equals_one_device(setup):
                 assert have[task][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (index, task, name)
 
 
+@pytest.mark.slow
 def test_evaluation_uses_each_candidates_polyak_main(setup):
     population = population_lib.start_population(setup.start, genotypes(0, 1))
     population, _ = setup.step(population, setup.batch)

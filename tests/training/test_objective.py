@@ -75,6 +75,7 @@ def test_weight_decay_skips_loss_weighting_params():
     assert float(updates["loss_weighting"]["log_var"]["a"]) == 0.0
 
 
+@pytest.mark.slow
 def test_aux_weight_scales_the_aux_terms_of_loss_terms():
     tasks = {"segmentation": 5, "depth": 1}
     model = build_model(model_config(), tasks, SimpleNamespace(tasks=("depth",), features=(), adaptor="conv1x1",

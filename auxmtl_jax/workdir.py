@@ -1,4 +1,5 @@
-"""The run-directory contract: what a workdir holds, the one atomic writer, its readers, and the resume check.
+"""The run-directory contract: what a workdir holds, the one atomic writer, and the resume check (its readers
+are `analysis.figures.read_results` / `read_metrics`).
 
 A workdir remembers its config (config.json); resuming with a different one fails with the list of differing
 keys and the two ways on, unless `accept_changed_keys` names them (the change is then recorded in config.json
@@ -17,7 +18,7 @@ import numpy as np
 from etils import epath
 
 from auxmtl_jax import weighting as weighting_lib
-from auxmtl_jax.errors import MissingInputError, UserError
+from auxmtl_jax.errors import UserError
 
 CONFIG_FILE = "config.json"  # the run's config, with `config_changes` after an accepted change
 CHECKPOINT_DIR = "checkpoints"  # orbax: train state + data-iterator state per step
@@ -151,33 +152,3 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def read_results(workdir) -> dict:
-    """The results.json record of a finished run (`workdir` or the file itself)."""
-    path = epath.Path(workdir)
-    file = path if path.is_file() else path / RESULTS_FILE
-    if not file.is_file():
-        raise MissingInputError(f"{file} does not exist; expected the {RESULTS_FILE} a finished run writes.")
-    try:
-        return json.loads(file.read_text())
-    except ValueError as error:
-        raise UserError(f"{file} is not valid JSON ({error}); expected the {RESULTS_FILE} a finished run writes.")
-
-
-def read_metrics_lines(workdir) -> list[dict]:
-    """The parsed lines of WORKDIR/metrics.jsonl; an unparsable last line (a write cut short by a kill) is dropped."""
-    path = epath.Path(workdir)
-    file = path if path.is_file() else path / METRICS_FILE
-    lines = file.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number == len(lines) - 1:
-                break
-            raise UserError(f"{file}: line {number + 1} is not JSON; expected one JSON object per line.") from None
-    return records

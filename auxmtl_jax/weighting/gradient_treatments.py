@@ -112,10 +112,18 @@ def aligned_mtl_coefficients(gram: jax.Array) -> jax.Array:
 
 def nash_mtl_coefficients(gram: jax.Array, max_norm: float = 1.0, iterations: int = 20) -> jax.Array:
     """Nash-MTL (Navon et al. 2022): α with α_i·(g_i·Σ_j α_j g_j) = 1 for every task (the Nash bargaining
-    solution), the update's norm clipped to `max_norm` (0: no clip) as in the reference code."""
+    solution, `solvers.nash_bargaining_weights`), the update's norm clipped to `max_norm` (0: no clip) as in the
+    reference code.
+
+    At the solution ‖Σ_j α_j g_j‖² = αᵀGα = Σ_i α_i(Gα)_i = T, so the clip rescales α by max_norm/√T whenever
+    max_norm < √T (always, at the default 1, for two tasks or more), nearly opposite gradients included. Where no
+    solution exists (a non-negative combination of the gradients vanishes) the norm is smaller, √(T − k) for k
+    tasks in the cancelling combination, and zero when all take part, so the clip need not apply. The norm is
+    evaluated in double-float: with α large along a near-null direction of G, float32 αᵀGα loses its digits.
+    """
     alpha = solvers.nash_bargaining_weights(gram, iterations)
     if max_norm > 0:
-        norm = jnp.sqrt(jnp.maximum(alpha @ gram @ alpha, 0.0))
+        norm = jnp.sqrt(jnp.maximum(solvers.quadratic_form(gram, alpha), 0.0))
         alpha = alpha * jnp.minimum(1.0, max_norm / jnp.maximum(norm, _EPS))
     return alpha
 

@@ -32,11 +32,17 @@ for folder in sorted(path for path in TESTS.iterdir() if path.is_dir() and not p
         sys.path.insert(0, str(folder))
 
 
+OPT_IN_MARKERS = ("weighting_matrix", "exhaustive")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`weighting_matrix` tests (7 minutes) run only when the -m expression names them, whatever else -m says."""
-    if "weighting_matrix" in (config.getoption("markexpr") or ""):
-        return
-    deselected = [item for item in items if item.get_closest_marker("weighting_matrix")]
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("weighting_matrix")]
+    """Opt-in tests (`weighting_matrix`: 7 minutes; `exhaustive`: every strategy of every shipped config) run only
+    when the -m expression names their marker, whatever else -m says."""
+    expression = config.getoption("markexpr") or ""
+    for marker in OPT_IN_MARKERS:
+        if marker in expression:
+            continue
+        deselected = [item for item in items if item.get_closest_marker(marker)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]

@@ -138,8 +138,11 @@ def on_tiny_data(config, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", CONFIG_MODULES)
+@pytest.mark.parametrize("module", [
+    module if module == "synthetic_three_task" else pytest.param(module, marks=pytest.mark.exhaustive)
+    for module in CONFIG_MODULES])
 def test_every_strategy_trains_two_steps(module, data_dir, tmp_path):
+    """Every strategy of the demo config (of every shipped config with `-m exhaustive`) trains two steps."""
     strategies = strategies_of(get_config(module))
     prior_source = None
     for strategy in strategies:
@@ -150,6 +153,14 @@ def test_every_strategy_trains_two_steps(module, data_dir, tmp_path):
         record = programs.run(config, str(workdir))
         assert set(record["metrics"]) == set(config.tasks), strategy
         prior_source = prior_source or str(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [module for module in CONFIG_MODULES if module != "synthetic_three_task"])
+def test_each_shipped_config_trains_auxi_all_two_steps(module, data_dir, tmp_path):
+    config = on_tiny_data(get_config(module, "runlocal,strategy=auxi_all"), data_dir)
+    record = programs.run(config, str(tmp_path))
+    assert set(record["metrics"]) == set(config.tasks)
 
 
 @pytest.mark.slow

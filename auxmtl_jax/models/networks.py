@@ -47,6 +47,7 @@ Dtype = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _FIXED_TASK_CHANNELS = {"depth": 1, "normal": 3}
 _MAX_DEEP_SUPERVISION_HIDDEN = 64
+DECODER_SUFFIX = "_decoder"  # main's task-specific modules are `<task>_decoder`; the rest of `main` is shared
 
 
 class MultiTaskNet(nn.Module):
@@ -66,34 +67,42 @@ class MultiTaskNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, train: bool, *, part: str = "all",
+                 decoder_inputs: Mapping[str, Any] | None = None) -> Any:
+        """``part='all'``: images -> ``{task: output}``. ``'shared'``: images -> what every decoder reads (the stages
+        dict for U-shape, the deepest stage otherwise, after the ASPP for Context); the stages are sown as always.
+        ``'decoders'``: ``decoder_inputs`` ``{task: what decoder task reads}`` -> ``{task: output}`` (``images``
+        give the output size only). 'shared' then 'decoders' is 'all', split where the task-specific part begins.
+        """
         height, width = images.shape[1], images.shape[2]
-        stages = encoder_module(self.encoder, width_multiplier=self.width_multiplier,
-                                output_stride=self.output_stride, dtype=self.dtype)(images, train)
-        stages = self._shared_representation(stages)
-        if self.decoder == "ushape":
-            raw = {task: UShapeDecoder(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
-                stages, train) for task, channels in self.tasks}
-        elif self.decoder == "ocnet":
-            raw = {task: ObjectContextDecoder(channels, self.head_channels, dtype=self.dtype,
-                                              name=f"{task}_decoder")(stages[list(stages)[-1]], train)
-                   for task, channels in self.tasks}
-        else:
-            shared = stages[list(stages)[-1]]
-            if self.decoder == "context":
-                shared = ASPP(self.head_channels, aspp_rates(self.output_stride), dtype=self.dtype,
-                              name="aspp")(shared, train)
-            raw = {task: PredictionHead(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
-                shared, train) for task, channels in self.tasks}
+        if part not in ("all", "shared", "decoders"):
+            raise ValueError(f"MultiTaskNet: part={part!r}; expected 'all', 'shared' or 'decoders'")
+        if part != "decoders":
+            stages = encoder_module(self.encoder, width_multiplier=self.width_multiplier,
+                                    output_stride=self.output_stride, dtype=self.dtype)(images, train)
+            if self.decoder == "ushape":
+                shared = stages
+            else:
+                shared = stages[list(stages)[-1]]
+                if self.decoder == "context":
+                    shared = ASPP(self.head_channels, aspp_rates(self.output_stride), dtype=self.dtype,
+                                  name="aspp")(shared, train)
+            if part == "shared":
+                return shared
+            decoder_inputs = {task: shared for task, _ in self.tasks}
+        decoder = {"ushape": UShapeDecoder, "ocnet": ObjectContextDecoder}.get(self.decoder, PredictionHead)
+        raw = {task: decoder(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
+            decoder_inputs[task], train) for task, channels in self.tasks}
         return {task: to_task_output(task, raw[task], height, width) for task, _ in self.tasks}
 
-    def _shared_representation(self, stages: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """The encoder stages the decoders read (all for U-shape, the deepest otherwise), each passed through
-        `perturb`: applying with a `perturbations` collection gives the losses' gradients with respect to the
-        shared representation (MGDA-UB); without it this is the identity."""
-        consumed = tuple(stages) if self.decoder == "ushape" else tuple(stages)[-1:]
-        return {name: self.perturb(f"representation_{name}", value) if name in consumed else value
-                for name, value in stages.items()}
+
+class Representation(NamedTuple):
+    """What the shared part of the network gives the task-specific modules: ``decoder_input`` (what every
+    decoder reads, ``MultiTaskNet(part='shared')``) and ``stages`` (the sown encoder features the aux modules
+    and deep-supervision heads read)."""
+
+    decoder_input: Any
+    stages: dict[str, jax.Array]
 
 
 class ModelOutputs(NamedTuple):
@@ -183,24 +192,55 @@ class MultiTaskModel:
         return {"params": params, "batch_stats": batch_stats}
 
     def apply(self, variables: Mapping[str, Any], images: jax.Array, *, train: bool,
-              genotype: jax.Array | None = None, perturbations: Any = None) -> tuple[ModelOutputs, dict[str, Any]]:
+              genotype: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
         """Forward main + aux + deep supervision; returns outputs and batch_stats shaped like the input's.
 
         ``genotype``: the int array [T, n, 5] a searchable aux build needs (and any other build refuses).
-        ``perturbations``: added to the shared representation the decoders read (``representation_zeros``); their
-        gradient is the losses' gradient with respect to it.
+        This is ``heads_forward(shared_forward(...))`` with every module reading the same representation.
         """
+        representation, shared_stats = self.shared_forward(variables, images, train=train)
+        outputs, heads_stats = self.heads_forward(variables, self.reads(representation), images, train=train,
+                                                  genotype=genotype)
+        return outputs, merge_batch_stats(shared_stats, heads_stats)
+
+    def shared_forward(self, variables: Mapping[str, Any], images: jax.Array, *,
+                       train: bool) -> tuple[Representation, dict[str, Any]]:
+        """The shared part (encoder, and Context's ASPP): its ``Representation`` and new batch_stats (``main``'s
+        shared modules only)."""
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        decoder_input, state = self.main.apply(_module_variables(params["main"], batch_stats.get("main")), images,
+                                               train=train, part="shared",
+                                               mutable=["batch_stats", "intermediates"])
+        shared_stats = {name: value for name, value in state.get("batch_stats", {}).items()
+                        if not name.endswith(DECODER_SUFFIX)}
+        return (Representation(decoder_input, state["intermediates"]["encoder"]),
+                {"main": shared_stats} if "main" in batch_stats else {})
+
+    def reads(self, representation: Representation) -> dict[str, dict[str, Any]]:
+        """What each task-specific module reads, ``{group: {task: ...}}`` (groups ``main`` (the decoders),
+        ``aux``, ``deep_supervision``): the argument of ``heads_forward``. A caller may hand each module its own
+        copy; the gradient of a copy is then that module's losses' gradient of the representation."""
+        reads = {"main": {task: representation.decoder_input for task in self.tasks}}
+        for group, members in self._side_modules().items():
+            reads[group] = {task: representation.stages for task, _ in members}
+        return reads
+
+    def heads_forward(self, variables: Mapping[str, Any], reads: Mapping[str, Mapping[str, Any]],
+                      images: jax.Array, *, train: bool,
+                      genotype: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
+        """The task-specific modules on ``reads`` (shaped like ``reads(...)``): outputs and their new batch_stats
+        (``main``'s decoders, ``aux``, ``deep_supervision``). ``images`` give the output size only."""
         if (genotype is not None) != self.aux_searchable:
             raise ValueError("model.apply: pass genotype=<int array [T, n, 5]> exactly when the aux cells are "
                              f"searchable (aux.genotype is a CellSpace); searchable={self.aux_searchable}")
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        main_variables = _module_variables(params["main"], batch_stats.get("main"))
-        if perturbations is not None:
-            main_variables["perturbations"] = perturbations
-        main_outputs, main_state = self.main.apply(main_variables, images, train=train,
-                                                   mutable=["batch_stats", "intermediates"])
-        stages = main_state["intermediates"]["encoder"]
-        new_batch_stats = {"main": main_state["batch_stats"]} if "main" in batch_stats else {}
+        main_outputs, main_state = self.main.apply(
+            _module_variables(params["main"], batch_stats.get("main")), images, train=train, part="decoders",
+            decoder_inputs=reads["main"], mutable=["batch_stats"])
+        new_batch_stats = {}
+        if "main" in batch_stats:
+            new_batch_stats["main"] = {name: value for name, value in main_state.get("batch_stats", {}).items()
+                                       if name.endswith(DECODER_SUFFIX)}
         output_size = (images.shape[1], images.shape[2])
         side_outputs = {"aux": {}, "deep_supervision": {}}
         cells_so_far: list[jax.Array] = []
@@ -208,7 +248,7 @@ class MultiTaskModel:
             group_stats = batch_stats.get(group, {})
             for index, (task, module) in enumerate(members):
                 prediction, state = module.apply(
-                    _module_variables(params[group][task], group_stats.get(task)), stages, output_size,
+                    _module_variables(params[group][task], group_stats.get(task)), reads[group][task], output_size,
                     train=train, mutable=["batch_stats"], **self._cell_arguments(module, index, cells_so_far, genotype))
                 if isinstance(module, AuxiliaryCells):
                     prediction, cells = prediction
@@ -219,6 +259,12 @@ class MultiTaskModel:
         outputs = ModelOutputs(main=main_outputs, aux=side_outputs["aux"],
                                deep_supervision=side_outputs["deep_supervision"])
         return outputs, new_batch_stats
+
+    @property
+    def reads_own_copies(self) -> bool:
+        """True when every task-specific module's output depends on its own read only (Auxi-NAS cells also read
+        the cells of earlier tasks' aux modules)."""
+        return not any(isinstance(module, AuxiliaryCells) for _, module in self.aux_modules)
 
     def _cell_arguments(self, module: nn.Module, index: int, cells_so_far: list[jax.Array],
                         genotype: jax.Array | None) -> dict[str, Any]:
@@ -236,19 +282,17 @@ class MultiTaskModel:
             tokens = tokens[index]
         return {"earlier_cells": tuple(cells_so_far), "tokens": tokens}
 
-    def representation_zeros(self, main_params: Any, images: jax.Array) -> Any:
-        """Zeros shaped like the shared representation of a batch of `images` (for ``apply(perturbations=...)``);
-        shapes only, nothing is computed."""
-        def perturbations():
-            _, state = self.main.apply({"params": main_params}, images, train=False,
-                                       mutable=["batch_stats", "intermediates", "perturbations"])
-            return state["perturbations"]
-
-        return jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype), jax.eval_shape(perturbations))
-
     def predict(self, main_variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
         """Inference: ``main`` alone in eval mode, from ``{'params': P['main'], 'batch_stats': S['main']}``."""
         return self.main.apply(main_variables, images, train=False)
+
+
+def merge_batch_stats(shared: Mapping[str, Any], heads: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch_stats of a whole forward from those of ``shared_forward`` and ``heads_forward``."""
+    merged = {group: dict(value) for group, value in heads.items()}
+    if "main" in shared:
+        merged["main"] = {**shared["main"], **merged.get("main", {})}
+    return merged
 
 
 def _module_variables(params: Any, batch_stats: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ statistics and one evaluation batch; `step_functions` jits them with the mesh's 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import optax
@@ -14,19 +13,25 @@ from auxmtl_jax import parallel
 from auxmtl_jax import tasks as tasks_lib
 from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax.analysis import gradients
+from auxmtl_jax.augment import model_input
 from auxmtl_jax.models import MultiTaskModel
+from auxmtl_jax.models.networks import ModelOutputs, merge_batch_stats
 from auxmtl_jax.training.state import TrainState
 
 
 def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
-               genotype: jax.Array | None = None, perturbations: Any = None) -> tuple[dict, dict]:
+               genotype: jax.Array | None = None) -> tuple[dict, dict]:
     """Named loss terms of one batch (`loss/<task>`, weighted `aux_loss/<task>`, `ds_loss/<task>`) and new BN stats.
 
-    `genotype` is the int array a searchable Auxi-NAS model takes (None otherwise); `perturbations` are added to
-    the shared representation (`MultiTaskModel.representation_zeros`, for MGDA-UB).
+    `genotype` is the int array a searchable Auxi-NAS model takes (None otherwise).
     """
-    outputs, new_batch_stats = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                           train=True, genotype=genotype, perturbations=perturbations)
+    outputs, new_batch_stats = model.apply({"params": params, "batch_stats": batch_stats},
+                                           model_input(batch["image"]), train=True, genotype=genotype)
+    return terms_of_outputs(config, outputs, batch), new_batch_stats
+
+
+def terms_of_outputs(config, outputs: ModelOutputs, batch) -> dict:
+    """The named loss terms of a forward's outputs."""
     terms = {f"loss/{task}": tasks_lib.task_loss(task, prediction, batch)
              for task, prediction in outputs.main.items()}
     for task, prediction in outputs.aux.items():
@@ -34,7 +39,34 @@ def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
     for task, predictions in outputs.deep_supervision.items():
         terms[f"ds_loss/{task}"] = config.deep_supervision.weight * sum(
             tasks_lib.task_loss(task, prediction, batch) for prediction in predictions)
-    return terms, new_batch_stats
+    return terms
+
+
+TERM_PREFIXES = {"main": "loss/", "aux": "aux_loss/", "deep_supervision": "ds_loss/"}
+
+
+def split_loss_terms(model: MultiTaskModel, config, batch_stats, batch,
+                     genotype: jax.Array | None = None) -> weighting_lib.SplitLoss:
+    """`loss_terms` as heads ∘ shared part, each loss term's module reading its own copy of the representation
+    (what lets a gradient treatment run at about one backward pass, `weighting.split_backward`)."""
+    groups = {"main": model.tasks, "aux": model.aux_tasks, "deep_supervision": model.deep_supervision_tasks}
+    readers = {TERM_PREFIXES[group] + task: (group, task) for group, tasks in groups.items() for task in tasks}
+
+    def shared(params):
+        return model.shared_forward({"params": params, "batch_stats": batch_stats}, model_input(batch["image"]),
+                                    train=True)
+
+    def heads(params, copies):
+        reads = {group: {} for group in groups}
+        for key, (group, task) in readers.items():
+            copy = copies[key]
+            reads[group][task] = copy.decoder_input if group == "main" else copy.stages
+        outputs, new_batch_stats = model.heads_forward({"params": params, "batch_stats": batch_stats}, reads,
+                                                       model_input(batch["image"]), train=True, genotype=genotype)
+        return terms_of_outputs(config, outputs, batch), new_batch_stats
+
+    return weighting_lib.SplitLoss(shared=shared, heads=heads, term_keys=tuple(readers),
+                                   merge_aux=merge_batch_stats, own_copies=model.reads_own_copies)
 
 
 def train_step(state: TrainState, batch, genotype: jax.Array | None = None, *, model: MultiTaskModel, config,
@@ -47,14 +79,12 @@ def train_step(state: TrainState, batch, genotype: jax.Array | None = None, *, m
     """
     weighting = weighting or weighting_lib.from_config(config)
 
-    def terms_fn(params, perturbations=None):
-        return loss_terms(model, config, params, state.batch_stats, batch, genotype, perturbations)
+    def terms_fn(params):
+        return loss_terms(model, config, params, state.batch_stats, batch, genotype)
 
-    def representation_zeros(params):
-        return model.representation_zeros(params["main"], batch["image"])
-
+    split = split_loss_terms(model, config, state.batch_stats, batch, genotype)
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)  # RLW's draw, PCGrad's order
-    weighted = weighting.value_and_grad(terms_fn, representation_zeros)(state.params, state.weighting_state, rng)
+    weighted = weighting.value_and_grad(terms_fn, split)(state.params, state.weighting_state, rng)
     updates, opt_state = tx.update(weighted.grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     weighting_state = weighted.state
@@ -91,7 +121,7 @@ def gradient_statistics(state: TrainState, batch, coordinates, *, model: MultiTa
 
 def eval_step(main_variables, metric_state, batch, *, model: MultiTaskModel):
     """Adds one global test batch to the streaming metric state (inference runs `main` only)."""
-    predictions = model.predict(main_variables, batch["image"])
+    predictions = model.predict(main_variables, model_input(batch["image"]))
     return metrics_lib.update_state(metric_state, predictions, batch)
 
 

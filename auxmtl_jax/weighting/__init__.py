@@ -24,8 +24,10 @@ Each method is an optax-style pair of pure functions (`base.Method`: `init(names
 hyper-parameters. `config.loss_weighting='kendall+pcgrad'` chains a loss weighting with a gradient treatment
 (`chaining.chain`): the treatment combines the weighted tasks' gradients. A loss weighting's learned parameters live
 at `params['loss_weighting']` and the state in `TrainState.weighting_state`, so checkpoints resume it exactly.
-Per-task gradients come from one `jax.vmap` of the VJP; the treatments act on the shared encoder's gradient
-(`base.shared_mask`). Aux and deep-supervision terms are added unweighted after the weighting (the paper's
+A treatment reads the tasks' gradients of the shared parameters (`base.shared_mask`): given the loss split into
+shared part and heads (`SplitLoss`), one backward pass through the heads and one `jax.vmap` of the shared part's
+VJP give them (`split_backward`); `config.weighting.space='representation'` solves on the gradients of the
+representation the decoders read instead (LibMTL's `rep_grad`; `mgda_ub` always does). Aux and deep-supervision terms are added unweighted after the weighting (the paper's
 Eq. 3); `weighting.aux_as_tasks=True` weights / treats each aux term as one more task.
 """
 
@@ -39,14 +41,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from auxmtl_jax.errors import UserError
-from auxmtl_jax.weighting import core, gradient_treatments, loss_weightings
+from auxmtl_jax.weighting import build as build_lib, gradient_treatments, loss_weightings
 from auxmtl_jax.weighting.base import (AUX_PREFIX, MAIN_PREFIX, EmptyState, Method, shared_mask, term_name,
                                        weighted_names)
 from auxmtl_jax.weighting.chaining import Chain, ChainError, Coefficients, chain
-from auxmtl_jax.weighting.core import LossWeighting, Weighted
+from auxmtl_jax.weighting.build import LossWeighting
+from auxmtl_jax.weighting.core import Weighted
+from auxmtl_jax.weighting.split_backward import SPACES, SplitLoss
 
 __all__ = ["AUX_PREFIX", "DEFAULT_OPTIONS", "Chain", "ChainError", "Coefficients", "EmptyState", "LossWeighting",
-           "MAIN_PREFIX", "Method", "WEIGHTINGS", "Weighted", "build_method", "chain", "default_options",
+           "MAIN_PREFIX", "Method", "SPACES", "SplitLoss", "WEIGHTINGS", "Weighted", "build_method", "chain", "default_options",
            "from_config", "get_weighting", "main_terms", "other_terms_sum", "shared_mask",
            "state_names", "term_name", "weighted_names"]
 
@@ -80,6 +84,7 @@ def _options(constructor: Callable[..., Method]) -> dict[str, Any]:
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "aux_as_tasks": False,
+    "space": "parameters",  # where a treatment solves: 'parameters' or 'representation' (split_backward)
     **{name: _options(constructor) for name, constructor in WEIGHTINGS.items()
        if name not in OPTIONS_OF and _options(constructor)},
 }
@@ -124,7 +129,7 @@ def get_weighting(name: str, options=None, *,
         chained = chain(*methods)
     except ChainError as error:
         raise UserError(f"config.loss_weighting={name!r}: {error}") from error
-    return core.build(chained, options.aux_as_tasks)
+    return build_lib.build(chained, options.aux_as_tasks, options.space)
 
 
 def _with_defaults(options) -> ml_collections.ConfigDict:

@@ -117,13 +117,49 @@ def unweighted_sum(terms: Mapping[str, jax.Array], weighted: Sequence[str]) -> j
     return sum((value for key, value in terms.items() if key not in weighted), jnp.zeros(()))
 
 
-def shared_mask(params: Mapping[str, Any]) -> Any:
-    """True on the parameters every task's loss reaches: `main` except the `<task>_decoder` modules (the encoder,
-    and the context decoder's shared ASPP). Aux, deep-supervision and weighting parameters are task-specific."""
-    def group_mask(group: str, subtree: Any) -> Any:
-        if group != "main":
-            return jax.tree.map(lambda _: False, subtree)
-        return {module: jax.tree.map(lambda _, shared=not module.endswith("_decoder"): shared, value)
-                for module, value in subtree.items()}
+DECODER_SUFFIX = "_decoder"
+OWNER_PREFIXES = {"main": MAIN_PREFIX, "aux": AUX_PREFIX, "deep_supervision": "ds_loss/"}
 
-    return {group: group_mask(group, subtree) for group, subtree in params.items()}
+
+def is_shared_module(group: str, module: str) -> bool:
+    """True for the modules every task's loss reaches: `main` except the `<task>_decoder` modules (the encoder, and
+    the Context decoder's shared ASPP). Aux, deep-supervision and weighting parameters are task-specific."""
+    return group == "main" and not module.endswith(DECODER_SUFFIX)
+
+
+def shared_mask(params: Mapping[str, Any]) -> Any:
+    """True on the leaves of the shared modules (`is_shared_module`), False elsewhere."""
+    return {group: {module: jax.tree.map(lambda _, shared=is_shared_module(group, module): shared, value)
+                    for module, value in subtree.items()} if isinstance(subtree, Mapping)
+            else jax.tree.map(lambda _: False, subtree)
+            for group, subtree in params.items()}
+
+
+def partition(params: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(shared, task-specific): the shared modules (`{'main': {...}}`) and everything else, as two trees."""
+    shared = {"main": {module: value for module, value in params.get("main", {}).items()
+                       if is_shared_module("main", module)}}
+    specific = {group: ({module: value for module, value in subtree.items() if not is_shared_module(group, module)}
+                        if group == "main" else subtree)
+                for group, subtree in params.items()}
+    return shared, specific
+
+
+def combine(shared: Mapping[str, Any], specific: Mapping[str, Any]) -> dict:
+    """The inverse of `partition`."""
+    return {**specific, "main": {**shared.get("main", {}), **specific.get("main", {})}}
+
+
+def owner_keys(specific: Mapping[str, Any]) -> Any:
+    """A tree like `specific` (from `partition`) holding, at each leaf, the key of the loss term that owns it:
+    `main/<task>_decoder` -> 'loss/<task>', `aux/<task>` -> 'aux_loss/<task>', `deep_supervision/<task>` ->
+    'ds_loss/<task>'; '' for the weighting's own parameters."""
+    def owner(group: str, module: str) -> str:
+        if group not in OWNER_PREFIXES:
+            return ""
+        return OWNER_PREFIXES[group] + (module.removesuffix(DECODER_SUFFIX) if group == "main" else module)
+
+    return {group: {module: jax.tree.map(lambda _, key=owner(group, module): key, value)
+                    for module, value in subtree.items()} if isinstance(subtree, Mapping)
+            else jax.tree.map(lambda _: "", subtree)
+            for group, subtree in specific.items()}

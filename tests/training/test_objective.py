@@ -28,7 +28,7 @@ def test_equal_weighting_total_and_gradient():
     weighting = weighting_lib.get_weighting("equal")
     params = {"w": jnp.asarray(2.0)}
     assert weighting.init(("a", "b")) == {}
-    total, terms, _, grads, _, weights = weighting.value_and_grad(loss_terms_fn)(params, {}, jax.random.key(0))
+    total, terms, _, grads, _, weights, _ = weighting.value_and_grad(loss_terms_fn)(params, {}, jax.random.key(0))
     assert {name: float(weight) for name, weight in weights.items()} == {"a": 1.0, "b": 1.0}
     assert float(total) == pytest.approx(4.0 + 6.0 + 1.0)
     assert float(grads["w"]) == pytest.approx(2 * 2.0 + 3.0 + 0.5)

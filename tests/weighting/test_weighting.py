@@ -11,7 +11,7 @@ import scipy.optimize
 
 from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax.errors import UserError
-from auxmtl_jax.weighting import core, gradient_treatments as gt, loss_weightings as lw
+from auxmtl_jax.weighting import gradient_treatments as gt, loss_weightings as lw
 
 
 def gram_of(*gradients):
@@ -252,8 +252,7 @@ def test_every_method_gives_finite_gradients_on_the_toy():
         params = {"main": {"encoder": jnp.eye(2), "a_decoder": jnp.asarray(1.0), "b_decoder": jnp.asarray(1.0)},
                   "aux": {"a": jnp.asarray(2.0)}, **({"loss_weighting": weighting.init(names)}
                                                      if weighting.init(names) else {})}
-        result = jax.jit(weighting.value_and_grad(lambda p, perturbations=None: (
-            representation_loss_terms(p, perturbations)[0], None), lambda p: {"z": jnp.zeros(2)}))(
+        result = jax.jit(weighting.value_and_grad(representation_loss_terms, TOY_SPLIT))(
             params, weighting.init_state(names), jax.random.key(0))
         assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(result.grads)), name
 
@@ -270,22 +269,30 @@ def test_bad_weighting_options_name_the_key(options, message):
         weighting_lib.get_weighting(name, options)
 
 
-def representation_loss_terms(params, perturbations=None):
-    """z = E·x (+ the perturbation): loss/a = z·(2,0), loss/b = z·(0,1) scaled by their decoders; the aux head
-    reads E·x before the perturbation, as aux modules read the sown encoder stages."""
-    features = params["main"]["encoder"] @ jnp.asarray([1.0, 3.0])
-    z = features + (0.0 if perturbations is None else perturbations["z"])
-    terms = {"loss/a": params["main"]["a_decoder"] * (z @ jnp.asarray([2.0, 0.0])),
-             "loss/b": params["main"]["b_decoder"] * (z @ jnp.asarray([0.0, 1.0])),
-             "aux_loss/a": params["aux"]["a"] * (features @ jnp.asarray([0.0, 1.0]))}
+def representation_loss_terms(params):
+    """z = E·x: loss/a = z·(2,0), loss/b = z·(0,1) scaled by their decoders; aux_loss/a = z·(0,1) scaled by the aux
+    head (as `TOY_SPLIT`, unsplit)."""
+    z = params["main"]["encoder"] @ jnp.asarray([1.0, 3.0])
+    return TOY_SPLIT.heads(params, {key: z for key in TOY_SPLIT.term_keys})
+
+
+def toy_heads(params, copies):
+    terms = {"loss/a": params["main"]["a_decoder"] * (copies["loss/a"] @ jnp.asarray([2.0, 0.0])),
+             "loss/b": params["main"]["b_decoder"] * (copies["loss/b"] @ jnp.asarray([0.0, 1.0])),
+             "aux_loss/a": params["aux"]["a"] * (copies["aux_loss/a"] @ jnp.asarray([0.0, 1.0]))}
     return terms, None
+
+
+# The toy split: the shared part is z = E·x, x = (1, 3); each head reads its own copy of z.
+TOY_SPLIT = weighting_lib.SplitLoss(shared=lambda params: (params["main"]["encoder"] @ jnp.asarray([1.0, 3.0]), None),
+                                    heads=toy_heads, term_keys=("loss/a", "loss/b", "aux_loss/a"),
+                                    merge_aux=lambda shared, heads: None)
 
 
 def test_mgda_ub_solves_on_the_representation_gradients_and_weights_the_losses():
     params = {"main": {"encoder": jnp.eye(2), "a_decoder": jnp.asarray(1.0), "b_decoder": jnp.asarray(1.0)},
               "aux": {"a": jnp.asarray(2.0)}}
-    step = weighting_lib.get_weighting("mgda_ub").value_and_grad(representation_loss_terms,
-                                                                 lambda p: {"z": jnp.zeros(2)})
+    step = weighting_lib.get_weighting("mgda_ub").value_and_grad(representation_loss_terms, TOY_SPLIT)
     result = step(params, {}, jax.random.key(0))
     # ∂L/∂z = (2,0) and (0,1): the min-norm weights are (⅕, ⅘), as for MGDA on those vectors
     np.testing.assert_allclose([result.weights["a"], result.weights["b"]], [0.2, 0.8], atol=1e-6)

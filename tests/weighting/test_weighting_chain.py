@@ -12,7 +12,7 @@ import pytest
 from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.weighting import base, chaining as chain_lib, gradient_treatments as gt, loss_weightings as lw
-from test_weighting import TOY_PARAMS, representation_loss_terms, toy_loss_terms
+from test_weighting import TOY_PARAMS, TOY_SPLIT, representation_loss_terms, toy_loss_terms
 
 LOG_VAR = {"a": jnp.asarray(0.4), "b": jnp.asarray(-0.3)}
 
@@ -82,7 +82,7 @@ def test_kendall_then_mgda_ub_solves_on_the_weighted_representation_gradients():
     params = {"main": {"encoder": jnp.eye(2), "a_decoder": jnp.asarray(1.0), "b_decoder": jnp.asarray(1.0)},
               "aux": {"a": jnp.asarray(2.0)}, "loss_weighting": {"log_var": LOG_VAR}}
     weighting = weighting_lib.get_weighting("kendall+mgda_ub")
-    result = weighting.value_and_grad(representation_loss_terms, lambda p: {"z": jnp.zeros(2)})(
+    result = weighting.value_and_grad(representation_loss_terms, TOY_SPLIT)(
         params, weighting.init_state(("a", "b")), jax.random.key(0))
     w = kendall_weights()
     # ∂L/∂z = (2,0) and (0,1), weighted: (2w_a, 0) and (0, w_b); the min-norm point puts γ = w_b²/(4w_a² + w_b²)
@@ -178,7 +178,7 @@ def test_chains_give_finite_gradients(name):
               "aux": {"a": jnp.asarray(2.0)}}
     if weighting.init(names):
         params["loss_weighting"] = weighting.init(names)
-    result = jax.jit(weighting.value_and_grad(representation_loss_terms, lambda p: {"z": jnp.zeros(2)}))(
+    result = jax.jit(weighting.value_and_grad(representation_loss_terms, TOY_SPLIT))(
         params, weighting.init_state(names), jax.random.key(0))
     assert jax.tree.structure(result.grads) == jax.tree.structure(params)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(result.grads)), name
@@ -220,6 +220,7 @@ def test_each_constructor_checks_its_own_options(build, message):
 def test_default_options_are_the_constructors_defaults():
     assert weighting_lib.DEFAULT_OPTIONS == {
         "aux_as_tasks": False,
+        "space": "parameters",
         "dwa": {"temperature": 2.0, "period_steps": 0},
         "famo": {"learning_rate": 0.025, "weight_decay": 0.01},
         "gradnorm": {"alpha": 1.5, "learning_rate": 0.025},

@@ -27,6 +27,7 @@ import numpy as np
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import errors
 from auxmtl_jax.analysis import images
+from auxmtl_jax.augment import IMAGE_MEAN, IMAGE_STD, model_input
 from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models import MultiTaskModel, build_model
 
@@ -55,21 +56,31 @@ class Predictor:
     def num_classes(self) -> int | None:
         return self.export_config["tasks"].get("segmentation")
 
-    def normalise(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB [B,H,W,3] -> the float input the network was trained on; any other dtype is refused."""
+    @property
+    def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return (tuple(map(float, self.export_config["input"]["mean"])),
+                tuple(map(float, self.export_config["input"]["std"])))
+
+    @staticmethod
+    def _checked(images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise UserError(f"images: shape {images.shape}; expected [batch, height, width, 3] RGB.")
         if images.dtype != np.uint8:
             raise UserError(f"images: dtype {images.dtype}; expected uint8 RGB (0-255). Scale other ranges first, "
                              "e.g. 16-bit as round(x * 255 / 65535).")
-        mean = np.asarray(self.export_config["input"]["mean"], np.float32)
-        std = np.asarray(self.export_config["input"]["std"], np.float32)
-        return (images.astype(np.float32) - mean) / std
+        return images
+
+    def normalise(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB [B,H,W,3] -> the float input the network was trained on, on the host (`predict` does this on
+        the device); any other dtype is refused."""
+        mean, std = (np.asarray(values, np.float32) for values in self._mean_std)
+        return (self._checked(images).astype(np.float32) - mean) / std
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """{task: prediction} for uint8 RGB images; segmentation as class ids [B,H,W], the rest as the network gives."""
-        outputs = _predict_fn(self.model)(self.variables, jnp.asarray(self.normalise(images)))
+        """{task: prediction} for uint8 RGB images; segmentation as class ids [B,H,W], the rest as the network gives.
+        The uint8 images go to the device as they are and are normalised there (`augment.model_input`)."""
+        outputs = _predict_fn(self.model, *self._mean_std)(self.variables, jnp.asarray(self._checked(images)))
         outputs = jax.device_get(outputs)
         if "segmentation" in outputs:
             outputs["segmentation"] = np.asarray(outputs["segmentation"]).argmax(-1).astype(np.int32)
@@ -77,8 +88,9 @@ class Predictor:
 
 
 @functools.lru_cache(maxsize=8)
-def _predict_fn(model: MultiTaskModel):
-    return jax.jit(model.predict)
+def _predict_fn(model: MultiTaskModel, mean: tuple[float, ...] = IMAGE_MEAN, std: tuple[float, ...] = IMAGE_STD):
+    """`model.predict` jitted behind `model_input`: uint8 images normalised with `mean`/`std`, floats as given."""
+    return jax.jit(lambda variables, images: model.predict(variables, model_input(images, mean, std)))
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")

@@ -1,8 +1,10 @@
 """Input pipeline: TFDS array_record datasets read with grain, the paper's augmentation, per-host batches.
 
-Batch contract (see ARCHITECTURE.md): `image` float32 [B,H,W,3] normalised, `segmentation` int32 [B,H,W] with
-255 = ignore, `depth` float32 [B,H,W,1] metres with 0 = invalid, `normal` float32 [B,H,W,3] with all-zero =
-invalid; only the requested tasks are present.
+Batch contract (see ARCHITECTURE.md): `image` uint8 [B,H,W,3] (0-255, normalised on the device by
+`augment.model_input` inside the jitted steps; float32 normalised on the host when config.input.mean/std are not
+`augment.IMAGE_MEAN`/`IMAGE_STD`), `segmentation` int32 [B,H,W] with 255 = ignore, `depth` float32 [B,H,W,1]
+metres with 0 = invalid, `normal` float32 [B,H,W,3] with all-zero = invalid; only the requested tasks are present.
+Threads and worker processes are sized from the host's cores unless the config says (`input_sizing`).
 
 Training batches form an infinite grain `MapDataset` indexed by batch number: shuffled per epoch, each example
 augmented with a generator seeded by (seed, global example index), host `p` of `P` taking every P-th example of
@@ -29,10 +31,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from auxmtl_jax import errors
-from auxmtl_jax.augment import crop_offset, flip_horizontal, normalise_image, resize_window
+from auxmtl_jax import errors, input_sizing
+from auxmtl_jax.augment import EvalTransform, TrainTransform
 from auxmtl_jax.errors import MissingInputError, UserError
-from auxmtl_jax.tasks import SEGMENTATION_IGNORE_LABEL as IGNORE_LABEL
 from auxmtl_jax.tasks import TASK_NAMES
 
 log = logging.getLogger("auxmtl_jax")
@@ -215,67 +216,6 @@ def _data_source(dataset_cfg, split: str, what: str = "split"):
 
 
 
-def _select(record: dict[str, Any], tasks: Sequence[str]) -> dict[str, np.ndarray]:
-    """The image and the requested task arrays of a stored record."""
-    example = {"image": record["image"]}
-    for task in tasks:
-        example[task] = record[task]
-    return example
-
-
-class TrainTransform:
-    """Random flip, random rescale, random crop (padding = ignore/invalid), normalisation; paper Sec. 4.1."""
-
-    def __init__(self, tasks, crop_size, scale_range, flip, mean, std):
-        self.tasks, self.crop_size = tuple(tasks), (int(crop_size[0]), int(crop_size[1]))
-        self.scale_range, self.flip = (float(scale_range[0]), float(scale_range[1])), bool(flip)
-        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
-
-    def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        example = _select(record, self.tasks)
-        if self.flip and rng.random() < 0.5:
-            example = flip_horizontal(example)
-        scale = float(rng.uniform(*self.scale_range))
-        height, width = example["image"].shape[:2]
-        top = crop_offset(rng, max(1, round(height * scale)), self.crop_size[0])
-        left = crop_offset(rng, max(1, round(width * scale)), self.crop_size[1])
-        out = resize_window(example, scale, top, left, self.crop_size, image_fill=self.mean)
-        out["image"] = normalise_image(out["image"], self.mean, self.std)
-        return out
-
-
-class EvalTransform:
-    """Whole image resized to fit `size` (aspect kept, centred, padding invalid), normalised; depth kept in metres."""
-
-    def __init__(self, tasks, size, mean, std):
-        self.tasks, self.size = tuple(tasks), (int(size[0]), int(size[1]))
-        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
-
-    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        example = _select(record, self.tasks)
-        height, width = example["image"].shape[:2]
-        scale = min(self.size[0] / height, self.size[1] / width)
-        top = -((self.size[0] - max(1, round(height * scale))) // 2)
-        left = -((self.size[1] - max(1, round(width * scale))) // 2)
-        out = resize_window(example, scale, top, left, self.size, image_fill=self.mean, divide_depth=False)
-        out["image"] = normalise_image(out["image"], self.mean, self.std)
-        return out
-
-    def invalid_example(self) -> dict[str, np.ndarray]:
-        """A padding example every metric ignores: image 0 (the mean), segmentation 255, depth 0, normal 0."""
-        height, width = self.size
-        example = {"image": np.zeros((height, width, 3), np.float32)}
-        if "segmentation" in self.tasks:
-            example["segmentation"] = np.full((height, width), IGNORE_LABEL, np.int32)
-        if "depth" in self.tasks:
-            example["depth"] = np.zeros((height, width, 1), np.float32)
-        if "normal" in self.tasks:
-            example["normal"] = np.zeros((height, width, 3), np.float32)
-        return example
-
-
-
-
 def _host_layout(global_batch_size: int, process_index: int | None, process_count: int | None):
     """(process_index, process_count, per-host batch size), checking that the batch splits evenly."""
     process_index = jax.process_index() if process_index is None else int(process_index)
@@ -288,27 +228,24 @@ def _host_layout(global_batch_size: int, process_index: int | None, process_coun
     return process_index, process_count, global_batch_size // process_count
 
 
-def _read_options(num_workers: int) -> grain.ReadOptions:
-    """Thread prefetch inside a process: a couple of batches ahead, never hundreds (batches are large)."""
-    if num_workers > 0:
-        return grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return grain.ReadOptions(num_threads=min(2, cores), prefetch_buffer_size=2)
+def _read_options(sizing: input_sizing.Sizing) -> grain.ReadOptions:
+    """Thread prefetch inside one process: a batch per thread in flight, never hundreds (batches are large)."""
+    return grain.ReadOptions(num_threads=sizing.num_threads, prefetch_buffer_size=sizing.prefetch)
 
 
 class TrainIterator:
     """Infinite iterator over this host's training batches; `get_state`/`set_state` resume exactly."""
 
-    def __init__(self, batches: grain.MapDataset, num_workers: int, fingerprint: dict[str, Any]):
-        self._batches, self._num_workers, self._fingerprint = batches, int(num_workers), fingerprint
+    def __init__(self, batches: grain.MapDataset, sizing: input_sizing.Sizing, fingerprint: dict[str, Any]):
+        self._batches, self.sizing, self._fingerprint = batches, sizing, fingerprint
         self._next_batch, self._iterator = 0, None
 
     def _start(self) -> None:
-        dataset = self._batches[self._next_batch:].to_iter_dataset(_read_options(self._num_workers))
-        if self._num_workers > 0:
+        dataset = self._batches[self._next_batch:].to_iter_dataset(_read_options(self.sizing))
+        if self.sizing.num_workers > 0:
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()  # grain's worker start reads absl flags; outside an absl app use defaults.
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers,
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.sizing.num_workers,
                                                                        per_worker_buffer_size=2))
         self._iterator = iter(dataset)
 
@@ -355,7 +292,9 @@ def _derived_seeds(seed: int) -> tuple[int, int]:
 
 def create_train_iterator(dataset_cfg, input_cfg, *, tasks, global_batch_size, seed,
                           process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
-    """Infinite, deterministic, resumable iterator over this host's share of each global training batch."""
+    """Infinite, deterministic, resumable iterator over this host's share of each global training batch; threads
+    and workers from `input_sizing.resolve(input_cfg)` (the batches do not depend on them)."""
+    sizing = input_sizing.resolve(input_cfg)
     info = dataset_info(dataset_cfg)
     tasks = check_tasks(info, tasks)
     process_index, process_count, local_batch = _host_layout(global_batch_size, process_index, process_count)
@@ -371,15 +310,18 @@ def create_train_iterator(dataset_cfg, input_cfg, *, tasks, global_batch_size, s
     fingerprint = {"dataset": dataset_cfg.name, "split": dataset_cfg.train_split, "seed": int(seed),
                    "global_batch_size": int(global_batch_size), "process_index": process_index,
                    "process_count": process_count, "num_examples": len(source)}
-    return TrainIterator(batches, input_cfg.num_workers, fingerprint)
+    log.info("input pipeline: %d worker processes, %d threads each, %s images on the wire", sizing.num_workers,
+             sizing.num_threads, "uint8" if transform.uint8 else "float32 (host-normalised)")
+    return TrainIterator(batches, sizing, fingerprint)
 
 
 class EvalDataset:
     """Re-iterable evaluation batches for this host; the last global batch is padded with invalid examples."""
 
     def __init__(self, source, transform: EvalTransform, global_batch_size: int, process_index: int,
-                 process_count: int):
+                 process_count: int, sizing: input_sizing.Sizing | None = None):
         self._source, self._transform = source, transform
+        self._sizing = sizing or input_sizing.resolve(None, in_process=True)
         self._global_batch_size, self._process_index, self._process_count = (global_batch_size, process_index,
                                                                              process_count)
         self.num_examples = len(source)
@@ -396,12 +338,13 @@ class EvalDataset:
         padded = grain.MapDataset.range(len(self) * self._global_batch_size)
         host = padded[self._process_index::self._process_count].map(self._example)
         batches = host.batch(self._global_batch_size // self._process_count)
-        return iter(batches.to_iter_dataset(_read_options(0)))
+        return iter(batches.to_iter_dataset(_read_options(self._sizing)))
 
 
 def create_eval_dataset(dataset_cfg, input_cfg, *, tasks, global_batch_size,
                         process_index: int | None = None, process_count: int | None = None) -> EvalDataset:
     """Deterministic full-image evaluation batches (no augmentation) for this host, `len()` = number of batches."""
+    sizing = input_sizing.resolve(input_cfg, in_process=True)
     info = dataset_info(dataset_cfg)
     tasks = check_tasks(info, tasks)
     process_index, process_count, _ = _host_layout(global_batch_size, process_index, process_count)
@@ -410,7 +353,7 @@ def create_eval_dataset(dataset_cfg, input_cfg, *, tasks, global_batch_size,
     if len(size) != 2 or min(size) <= 0:
         raise UserError(f"input.eval_size must be (height, width) with positive entries, got {size!r}.")
     transform = EvalTransform(tasks, size, input_cfg.mean, input_cfg.std)
-    return EvalDataset(source, transform, global_batch_size, process_index, process_count)
+    return EvalDataset(source, transform, global_batch_size, process_index, process_count, sizing)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from auxmtl_jax import parallel
 from auxmtl_jax import variants
 from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import figures, images, search_plot
+from auxmtl_jax.augment import model_input
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.nas import search as search_lib
 from auxmtl_jax.training import checks, loop
@@ -122,7 +123,7 @@ def _write_prediction_figure(config, workdir: epath.Path, trained: loop.TrainedR
     batch = next(iter(trained.eval_data))
     count = min(4, len(batch["image"]))
     examples = {key: np.asarray(value[:count]) for key, value in batch.items()}
-    predictions = jax.device_get(model.predict(jax.device_get(main_variables(state)), examples["image"]))
+    predictions = jax.device_get(model.predict(jax.device_get(main_variables(state)), model_input(examples["image"])))
     targets = {task: examples[task] for task in predictions}
     paths = images.write_prediction_grid(examples["image"], predictions, targets,
                                          str(workdir / workdir_lib.PREDICTIONS_FIGURE),

@@ -43,9 +43,10 @@ flags.mark_flag_as_required("config")
 
 
 def random_batch(config, num_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A global batch with the config's crop size and the layouts of its tasks (ARCHITECTURE.md batch contract)."""
+    """A global batch with the config's crop size and the layouts of its tasks (ARCHITECTURE.md batch contract):
+    uint8 images, normalised inside the step as the input pipeline's are."""
     height, width = config.input.crop_size
-    batch = {"image": rng.standard_normal((config.batch_size, height, width, 3), dtype=np.float32)}
+    batch = {"image": rng.integers(0, 256, (config.batch_size, height, width, 3), dtype=np.uint8)}
     if "segmentation" in config.tasks:
         batch["segmentation"] = rng.integers(0, num_classes, (config.batch_size, height, width), dtype=np.int32)
     if "depth" in config.tasks:

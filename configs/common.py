@@ -34,7 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.input.scale_range = (0.5, 2.1)
     config.input.flip = True
     config.input.eval_size = ml_collections.config_dict.placeholder(tuple)
-    config.input.num_workers = 0
+    # Worker processes and augmenting threads per process; None = sized from this host's cores
+    # (docs/data.md "Input pipeline"; 0 workers = augment in the training process).
+    config.input.num_workers = ml_collections.config_dict.placeholder(int)
+    config.input.num_threads = ml_collections.config_dict.placeholder(int)
     config.input.mean = (123.675, 116.28, 103.53)
     config.input.std = (58.395, 57.12, 57.375)
 
@@ -136,6 +139,7 @@ def make_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     """Shrinks a real config to seconds on a CPU (tiny width, small crops, a few steps) for smoke tests."""
     config.input.crop_size = (32, 40)
     config.input.eval_size = (32, 40)
+    config.input.num_workers = 0  # starting worker processes would take longer than the run
     config.model.width_multiplier = 0.25
     config.model.head_channels = 8
     config.aux.channels = 8

@@ -15,7 +15,7 @@ LAYERS = (
     ("training",),
     ("inference", "pretrained"),
     ("analysis",),
-    ("models", "weighting", "input_pipeline", "checkpoint", "workdir"),
+    ("models", "weighting", "input_pipeline", "input_sizing", "checkpoint", "workdir"),
     ("metrics", "variants", "augment"),
     ("tasks", "geometry", "parallel", "reporting", "errors"),
 )

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import errors
 from auxmtl_jax import input_pipeline
+from auxmtl_jax import input_sizing
 from auxmtl_jax import parallel
 from auxmtl_jax import pretrained
 from auxmtl_jax import tasks as tasks_lib
@@ -51,6 +52,7 @@ def validate_config(config) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UserError(f"config.init_from.{key}={value!r}; expected a number > 0.")
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    input_sizing.resolve(config.input)  # config.input.num_workers / num_threads: None or a count
     weighting_lib.from_config(config, steps_per_epoch=1)
     workdir_lib.parse_accepted_keys(config.get("accept_changed_keys"),
                                     workdir_lib.flatten_config(json.loads(workdir_lib.config_to_json(config))))

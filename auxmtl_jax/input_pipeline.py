@@ -23,18 +23,20 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
-import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import flags
 
 from auxmtl_jax import errors, input_sizing
 from auxmtl_jax.augment import EvalTransform, TrainTransform
 from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.tasks import TASK_NAMES
+
+if TYPE_CHECKING:  # imported where used, so that the models and the train step import without grain and TFDS
+    import grain
+    import tensorflow_datasets as tfds
 
 log = logging.getLogger("auxmtl_jax")
 KNOWN_DATASETS = ("synthetic_scenes", "nyu_v2", "sunrgbd")
@@ -64,6 +66,7 @@ def build_command(dataset_cfg) -> str:
 
 def get_builder(dataset_cfg) -> tfds.core.DatasetBuilder:
     """Imports `auxmtl_datasets.<name>` (which registers the builder) and returns the configured TFDS builder."""
+    import tensorflow_datasets as tfds
     name = dataset_cfg.name
     if name not in KNOWN_DATASETS:
         raise UserError(f"Unknown dataset.name {name!r}; expected one of {', '.join(KNOWN_DATASETS)}.")
@@ -122,6 +125,7 @@ def prepare_dataset(dataset_cfg) -> None:
     A failed build removes everything it created; what a killed build left is removed by the next build.
     Concurrent builds of one config on a local disk (several hosts or processes) take turns.
     """
+    import tensorflow_datasets as tfds
     builder = get_builder(dataset_cfg)
     if builder.is_prepared():
         return
@@ -230,6 +234,7 @@ def _host_layout(global_batch_size: int, process_index: int | None, process_coun
 
 def _read_options(sizing: input_sizing.Sizing) -> grain.ReadOptions:
     """Thread prefetch inside one process: a batch per thread in flight, never hundreds (batches are large)."""
+    import grain
     return grain.ReadOptions(num_threads=sizing.num_threads, prefetch_buffer_size=sizing.prefetch)
 
 
@@ -241,6 +246,7 @@ class TrainIterator:
         self._next_batch, self._iterator = 0, None
 
     def _start(self) -> None:
+        import grain
         dataset = self._batches[self._next_batch:].to_iter_dataset(_read_options(self.sizing))
         if self.sizing.num_workers > 0:
             if not flags.FLAGS.is_parsed():
@@ -294,6 +300,7 @@ def create_train_iterator(dataset_cfg, input_cfg, *, tasks, global_batch_size, s
                           process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
     """Infinite, deterministic, resumable iterator over this host's share of each global training batch; threads
     and workers from `input_sizing.resolve(input_cfg)` (the batches do not depend on them)."""
+    import grain
     sizing = input_sizing.resolve(input_cfg)
     info = dataset_info(dataset_cfg)
     tasks = check_tasks(info, tasks)
@@ -335,6 +342,7 @@ class EvalDataset:
         return self._transform.invalid_example()
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        import grain
         padded = grain.MapDataset.range(len(self) * self._global_batch_size)
         host = padded[self._process_index::self._process_count].map(self._example)
         batches = host.batch(self._global_batch_size // self._process_count)

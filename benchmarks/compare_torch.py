@@ -234,7 +234,8 @@ def ours_train_block(config, num_classes: int, batch) -> Callable[[int], float]:
     """Our real training step (``training.train_step`` jitted with donation), compiled and warmed up."""
     import jax
 
-    from auxmtl_jax import parallel, train
+    from auxmtl_jax import parallel
+    from auxmtl_jax import training as train
 
     model = train.create_model(config, num_classes)
     mesh = parallel.create_mesh(1)

@@ -12,9 +12,8 @@ the report says so); a watchdog writes the report and exits with 124 at --time-l
 
 1. environment: package versions, devices, and two import probes in fresh interpreters: which of
    auxmtl_jax.models / weighting / variants / training import without grain and tensorflow_datasets, and also
-   without ml_collections. The training package imports auxmtl_jax.input_pipeline, which imports grain and TFDS
-   at module level; where they are missing this script imports it with empty stand-in modules (only the input
-   pipeline's functions use them). ml_collections is needed (configs, variants, weighting): where it is not
+   without ml_collections (auxmtl_jax.input_pipeline imports grain and TFDS only where it uses them, so the
+   training package imports without them; the input part is skipped). ml_collections is needed (configs, variants, weighting): where it is not
    installed, the pure-Python wheels in --wheels (default .whl/ in the repository, git-ignored) go on sys.path;
    without it the script stops at once with one line naming the wheel (report written). See docs/benchmarks.md.
 2. numerics: forward outputs and gradients of Joint and Auxi-all (paper network, batch 2 at 96x96; tiny: its
@@ -199,7 +198,7 @@ def markdown(data) -> str:
               "", "missing: " + (", ".join(k for k, v in versions.items() if not v) or "none")]
     for setting, results in env.get("import_probe", {}).items():
         lines += ["", f"imports {setting}:"] + [f"- `{target}`: {result}" for target, result in results.items()]
-    for key in ("stand_ins", "ml_collections", "wheels_added", "wheels_to_carry"):
+    for key in ("ml_collections", "wheels_added", "wheels_to_carry"):
         if env.get(key) is not None:
             lines += ["", f"{key.replace('_', ' ')}: {env[key] or 'none'}"]
     sections = [("numerics", "Numerics (forward and gradient of the summed losses, BatchNorm on running statistics; "
@@ -255,9 +254,7 @@ def environment(report: Report, args) -> bool:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch
     import jax
 
-    with env_lib.stand_ins(env_lib.INPUT_PACKAGES) as added:
-        importlib.import_module("auxmtl_jax.training")  # imports auxmtl_jax.input_pipeline
-    env["stand_ins"] = added
+    importlib.import_module("auxmtl_jax.training")  # imports without grain and TFDS (the input pipeline's lazily)
     env["config_package"] = env_lib.config_package()
     env.update(jax=jax.__version__, backend=jax.default_backend(),
                devices=[f"{d.platform}:{d.device_kind}" for d in jax.devices()])

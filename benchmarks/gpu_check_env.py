@@ -1,10 +1,9 @@
 """The environment of benchmarks/gpu_check.py: package versions, import probes in fresh interpreters, the
-``--simulate-missing`` rehearsal, carried wheels, stand-ins for the input packages and the config package of a
+``--simulate-missing`` rehearsal, carried wheels, the config package of a
 checkout that is not pip-installed. Standard library only: it runs before jax is imported."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.machinery
 import importlib.metadata
@@ -14,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,22 +120,6 @@ def wheels_to_carry() -> list[str]:
     needed = {"ml_collections": "ml_collections", "absl": "absl-py", "yaml": "PyYAML", "etils": "etils",
               "optax": "optax", "flax": "flax", "orbax.checkpoint": "orbax-checkpoint"}
     return [wheel for module, wheel in needed.items() if not importable(module)]
-
-
-@contextlib.contextmanager
-def stand_ins(names):
-    """Empty modules for the missing input packages while the training package imports (auxmtl_jax.input_pipeline
-    imports them at module level and only its functions use them)."""
-    added = [name for name in names if name not in sys.modules and not importable(name)]
-    for name in added:
-        module = types.ModuleType(name, f"gpu_check stand-in: {name} is not installed")
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        sys.modules[name] = module
-    try:
-        yield added
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
 
 
 def config_package() -> str:

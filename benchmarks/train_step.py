@@ -36,6 +36,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with opti
 _STRATEGIES = flags.DEFINE_list("strategies", ["joint", "auxi_all"], "Strategies to compare (config variants).")
 _WEIGHTINGS = flags.DEFINE_list("weightings", ["equal"], "Loss weightings to run each strategy with "
                                 "(config.loss_weighting values, or 'all'); times are relative to the first run.")
+_ONE_GROUP = flags.DEFINE_bool("one_group", False, "With several weightings, time every strategy x weighting in one "
+                                "interleaved group (so strategies compare too), not one group per strategy.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 13, "Segmentation classes of the benchmarked head.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Steps per timed block.")
 _BLOCKS = flags.DEFINE_integer("blocks", 3, "Timed blocks per strategy (interleaved).")
@@ -125,7 +127,8 @@ def main(argv):
     weightings = list(weighting_lib.WEIGHTINGS) if _WEIGHTINGS.value == ["all"] else _WEIGHTINGS.value
     per_strategy = len(weightings) > 1
     # With several weightings each strategy is its own group: a dozen compiled steps at a time fit in memory.
-    groups = [[strategy] for strategy in _STRATEGIES.value] if per_strategy else [_STRATEGIES.value]
+    groups = ([[strategy] for strategy in _STRATEGIES.value] if per_strategy and not _ONE_GROUP.value
+              else [_STRATEGIES.value])
     timed = []
     for strategies in groups:
         timed += timed_group(config, strategies, weightings)

@@ -130,6 +130,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(int(step) for step in self._manager.all_steps())
+
     def checked_step(self, step: int | None) -> int:
         """`step` (the latest when None), or one error listing the steps this workdir holds."""
         steps = sorted(self._manager.all_steps())
@@ -191,7 +194,7 @@ class Checkpointer:
                 except _DamagedCheckpoint as error:
                     problem = f"it has no integrity record and does not restore ({error})"
             damaged.append(step)
-            aside = self._move_aside(step)
+            aside = self.move_aside(step)
             log.warning("checkpoint step %d of %s is damaged: %s; moved it to %s and trying the previous one",
                         step, self.directory, problem, aside)
         if damaged:
@@ -200,8 +203,10 @@ class Checkpointer:
                              f"--workdir, or delete {self.directory} to start this run over.")
         return 0, target_state, None
 
-    def _move_aside(self, step: int) -> epath.Path:
-        aside = self.workdir / DAMAGED_DIR / f"{step}-{uuid.uuid4().hex[:8]}"
+    def move_aside(self, step: int, folder: str = DAMAGED_DIR) -> epath.Path:
+        """Moves checkpoint `step` and its integrity record out of the way (never deleted) to
+        WORKDIR/<folder>/<step>-<id>/; returns that folder. Resuming no longer sees the step."""
+        aside = self.workdir / folder / f"{step}-{uuid.uuid4().hex[:8]}"
         if jax.process_index() == 0:
             aside.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(aside / "checkpoint"))
@@ -406,6 +411,8 @@ def load_inference_variables(directory: epath.Path) -> dict:
 
 def load_inference_config(directory: epath.Path) -> dict:
     """The model description (model.json) of an exported inference folder."""
+    if epath.Path(directory).exists() and not epath.Path(directory).is_dir():
+        raise UserError(f"{directory} is a file; expected an exported model folder (WORKDIR/{INFERENCE_DIR}).")
     path = epath.Path(directory) / INFERENCE_CONFIG
     if not path.exists():
         raise MissingInputError(f"{path} does not exist; expected an exported model folder (WORKDIR/{INFERENCE_DIR}).")

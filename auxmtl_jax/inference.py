@@ -26,6 +26,7 @@ import numpy as np
 
 from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import errors
+from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import images
 from auxmtl_jax.augment import IMAGE_MEAN, IMAGE_STD, model_input
 from auxmtl_jax.errors import MissingInputError, UserError
@@ -151,7 +152,8 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 def predict_files(model_dir: str, image_paths: Sequence[str], output_dir: str) -> list[Path]:
     """Predicts every image file (one at a time, any size) and writes its coloured task PNGs."""
-    images = [read_image(path) for path in image_paths]  # all inputs checked before anything is written
+    workdir_lib.check_output_dir(output_dir, "--output")  # every input checked before anything is written
+    images = [read_image(path) for path in image_paths]
     predictor = Predictor.load(model_dir)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

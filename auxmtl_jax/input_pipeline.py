@@ -138,6 +138,10 @@ def prepare_dataset(dataset_cfg) -> None:
         raise UserError(builder.missing_manual_dir_message())
     created = _created_by_build(builder)
     config_dir = pathlib.Path(os.fspath(builder.data_path)).parent
+    from auxmtl_jax import workdir as workdir_lib  # only a build needs it
+
+    with errors.about("config.dataset.data_dir"):
+        workdir_lib.check_output_dir(config_dir, "the folder the build writes")
     try:
         with _exclusive_build(config_dir):
             builder = get_builder(dataset_cfg)

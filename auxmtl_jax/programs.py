@@ -53,6 +53,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     runs = {name: run_config(config, name, variant) for name, variant in dict(config.runs).items()}
     for name, child in runs.items():  # a bad run stops the sweep before any run trains
         with errors.about(f"sweep run {name!r}"):
+            workdir_lib.check_output_dir(workdir / name, "workdir")
             checks.check_run(child)
     records = {}
     for name, child in runs.items():
@@ -98,8 +99,10 @@ def get_program(name: str) -> Program:
 
 def run(config: ml_collections.ConfigDict, workdir: str, program: str | None = None):
     """Runs `program` (the config's own, `program_name`, when None) in `workdir` and returns what it returns:
-    a results record (train), {run: record} (sweep) or the best candidate (search)."""
+    a results record (train), {run: record} (sweep) or the best candidate (search). A `workdir` that cannot
+    hold a run (a file, not writable) stops it before anything is written."""
     chosen = get_program(program or program_name(config))
+    workdir_lib.check_output_dir(workdir, "--workdir")
     parallel.initialize_distributed(config.distributed)
     return chosen(config, epath.Path(workdir))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import uuid
 from typing import Any, Mapping
 
@@ -24,10 +25,11 @@ CONFIG_FILE = "config.json"  # the run's config, with `config_changes` after an 
 CHECKPOINT_DIR = "checkpoints"  # orbax: train state + data-iterator state per step
 INTEGRITY_DIR = "checkpoint_integrity"  # <step>.json: size and SHA-256 of each file of that checkpoint
 DAMAGED_DIR = "checkpoints_damaged"  # damaged checkpoints are moved here, never deleted
+DIVERGED_DIR = "checkpoints_diverged"  # after a NaN stop: checkpoints from after the divergence began
 INFERENCE_DIR = "inference"  # the export: `main` variables + model description
 INFERENCE_VARIABLES = "main_variables.msgpack"
 INFERENCE_CONFIG = "model.json"
-METRICS_FILE = "metrics.jsonl"  # one JSON object per train log / evaluation
+METRICS_FILE = "metrics.jsonl"  # one JSON object per train log / evaluation / checkpoint (its parameter norm)
 RESULTS_FILE = "results.json"  # the final test metrics, Δm% and its convention
 RESULTS_TABLE = "results.txt"
 COMPARISON_TABLE = "comparison.txt"  # a sweep's table of its runs
@@ -153,3 +155,73 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _local(path) -> pathlib.Path | None:
+    """`path` as a local absolute path (`~` expanded), None for a remote one (gs://...)."""
+    text = os.fspath(path)
+    return None if "://" in text else pathlib.Path(os.path.expanduser(text)).absolute()
+
+
+def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _kind(path: pathlib.Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a broken symbolic link"
+    return "a file" if path.is_file() else "not a directory"
+
+
+def check_output_dir(path, what: str) -> None:
+    """`path` can take a program's output, checked before anything is written: an existing directory this user
+    may write in, or a missing one whose nearest existing ancestor is such a directory (it is created later).
+
+    Anything else is one UserError naming `what` (the flag or config key) and the path: a file, something under
+    a file, a directory without write permission (`os.access`, so a read-only mount counts, and root may write
+    where permission bits say no, as it can). A remote path (gs://...) is only checked not to be a file.
+    """
+    where = f"{what}={os.fspath(path)}"
+    expected = "expected a directory (created if missing)"
+    local = _local(path)
+    if local is None:
+        if epath.Path(path).exists() and not epath.Path(path).is_dir():
+            raise UserError(f"{where} is a file; {expected}.")
+        return
+    if os.path.lexists(local):
+        if not local.is_dir():
+            raise UserError(f"{where} is {_kind(local)}; {expected}.")
+        if not os.access(local, os.W_OK | os.X_OK):
+            raise UserError(f"{where} is not writable (permission denied or a read-only file system); expected a "
+                            "directory this user may write in.")
+        return
+    ancestor = _nearest_existing(local)
+    if not ancestor.is_dir():
+        raise UserError(f"{where} cannot be created: {ancestor} is {_kind(ancestor)}; {expected}.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{where} cannot be created: {ancestor} is not writable (permission denied or a read-only "
+                        "file system); expected a directory this user may create.")
+
+
+def check_input_dir(path, what: str, *, may_be_missing: bool = False) -> None:
+    """`path` is a directory this user may read (`may_be_missing`: or does not exist yet, and then its nearest
+    existing ancestor is a directory); otherwise one UserError naming `what` and the path."""
+    where = f"{what}={os.fspath(path)}"
+    local = _local(path)
+    if local is None:
+        if epath.Path(path).exists() and not epath.Path(path).is_dir():
+            raise UserError(f"{where} is a file; expected a directory.")
+        return
+    if not os.path.lexists(local):
+        if not may_be_missing:
+            raise UserError(f"{where} does not exist; expected a directory.")
+        ancestor = _nearest_existing(local)
+        if not ancestor.is_dir():
+            raise UserError(f"{where} cannot be created: {ancestor} is {_kind(ancestor)}; expected a directory.")
+        return
+    if not local.is_dir():
+        raise UserError(f"{where} is {_kind(local)}; expected a directory.")
+    if not os.access(local, os.R_OK | os.X_OK):
+        raise UserError(f"{where} is not readable (permission denied); expected a directory this user may read.")

@@ -199,6 +199,8 @@ def run_experiment(experiment: Experiment, root: str | epath.Path, *, seeds: Seq
     if runs.exists() and not runs.is_dir():
         raise UserError(f"--runs_dir={runs}: not a directory; expected a folder for the run workdirs (created if "
                         "missing)")
+    workdir_lib.check_output_dir(root, "--workdir")
+    workdir_lib.check_output_dir(runs, "--runs_dir")
     configs = run_configs(experiment, runs, seeds=seeds, size=size, dataset=dataset, overrides=overrides)
     run_variants = ({run.name: run.variant for run in experiment.runs} if experiment.name == "variants" else None)
     check_experiment_dir(root, experiment_record(experiment, size, dataset, overrides, runs_dir, run_variants))

@@ -4,9 +4,13 @@ dataset, the devices, that loaded weights fit the model)."""
 from __future__ import annotations
 
 import json
+import math
+import os
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
@@ -25,8 +29,37 @@ from auxmtl_jax.models.genotype import load_genotype
 from auxmtl_jax.training import state as state_lib
 
 
+def non_finite_numbers(value: Any, key: str = "config") -> Iterator[tuple[str, float]]:
+    """(full key, value) of every NaN or ±inf float anywhere in a (nested) config: ConfigDicts, dicts, lists and
+    tuples (as `key[i]`), numpy scalars and arrays included."""
+    if hasattr(value, "items") and callable(value.items):  # ConfigDict, FrozenConfigDict, dict
+        for name, item in value.items():
+            yield from non_finite_numbers(item, f"{key}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from non_finite_numbers(item, f"{key}[{index}]")
+    elif isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+        bad = value[~np.isfinite(value)]
+        if bad.size:
+            yield key, float(bad.flat[0])
+    elif isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        yield key, float(value)
+
+
+def check_finite_numbers(config) -> None:
+    """Every float of the config is finite: one generic check over the whole (nested) config, before any work.
+
+    No field takes NaN, and none takes ±inf either: a setting that means "no limit" spells it 0 or None
+    (`weighting.nash_mtl.max_norm=0`, `search.devices=0`, `input.num_workers=None`), never inf. The first
+    offending field is one UserError `config.<key>=<value>; expected a finite number.`
+    """
+    for key, value in non_finite_numbers(config):
+        raise UserError(f"{key}={value!r}; expected a finite number.")
+
+
 def validate_config(config) -> None:
-    """Schedule and batch fields that would otherwise fail deep inside the loop."""
+    """Every float finite, then schedule and batch fields that would otherwise fail deep inside the loop."""
+    check_finite_numbers(config)
     positive = ("num_train_steps", "batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
                 "checkpoint_every_steps", "max_checkpoints_to_keep")
     for key in positive:
@@ -62,8 +95,10 @@ def validate_config(config) -> None:
 
 def check_input_files(config) -> None:
     """Every file and folder the config names exists and is what it should be: reference results, encoder
-    weights, the run `init_from` starts from, the Auxi-NAS genotype. Cheap checks, run before the dataset is
-    prepared; the weights are checked against the model's shapes by `check_initialisations`."""
+    weights, the run `init_from` starts from, the Auxi-NAS genotype, the dataset folders. Cheap checks, run
+    before the dataset is prepared; the weights are checked against the model's shapes by
+    `check_initialisations`."""
+    check_dataset_dirs(config)
     reference_results(config)
     encoder_init = config.model.get("encoder_init")
     if state_lib.encoder_start(config) == "run":
@@ -77,6 +112,19 @@ def check_input_files(config) -> None:
     if isinstance(genotype, str) and genotype:
         with errors.about("config.aux.genotype"):
             load_genotype(genotype)
+
+
+def check_dataset_dirs(config) -> None:
+    """`dataset.data_dir` is a directory, or missing under a directory (a missing dataset is reported by
+    `input_pipeline.prepare_dataset`, with how to build it; whether a build may write there is checked when one is
+    needed); `dataset.manual_dir` is a directory when it exists (only a build reads it, and the builder says so
+    when it is missing)."""
+    dataset = config.dataset
+    if dataset.get("data_dir"):
+        workdir_lib.check_input_dir(dataset.data_dir, "config.dataset.data_dir", may_be_missing=True)
+    manual_dir = dataset.get("manual_dir")
+    if manual_dir and os.path.lexists(os.path.expanduser(manual_dir)):
+        workdir_lib.check_input_dir(manual_dir, "config.dataset.manual_dir")
 
 
 def check_initialisations(config, model: MultiTaskModel) -> None:
@@ -136,6 +184,8 @@ def reference_results(config) -> dict | None:
     expected = "expected a run's results.json or a {task: {metric: number}} dict"
     if isinstance(references, str):
         path = epath.Path(references)
+        if path.is_dir():
+            raise UserError(f"{where} is a directory; {expected}.")
         if not path.is_file():
             raise MissingInputError(f"{where} does not exist; {expected}.")
         try:

@@ -22,6 +22,7 @@ from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import gradients
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import MultiTaskModel
+from auxmtl_jax.training import divergence
 from auxmtl_jax.training.checks import check_run, check_workdir_genotype, prepare_run, reference_results
 from auxmtl_jax.training.evaluate import Evaluator, flatten_results, model_export_config, write_results
 from auxmtl_jax.training.state import TrainState, create_sharded_train_state, main_variables, run_weighting
@@ -41,9 +42,11 @@ class TrainedRun(NamedTuple):
 
 
 class NonFiniteError(UserError, FloatingPointError):
-    """Training produced a NaN/Inf loss or train state; nothing non-finite was saved, so the last checkpoint is good.
+    """Training produced a NaN/Inf loss or train state; nothing non-finite was saved.
 
-    A user error: its message says which step, loss and batch, and how to continue with a lower learning rate.
+    A user error: its message says which step, loss and batch, and either the last checkpoint from before the run
+    began to diverge and the flags that continue from it at a lower learning rate (later checkpoints are moved to
+    WORKDIR/checkpoints_diverged/), or that the run must start over, and why (`training.divergence`).
     """
 
 
@@ -84,8 +87,10 @@ def first_non_finite_leaf(tree) -> str | None:
 def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: bool = False) -> TrainedRun:
     """One run in `workdir`: resumes from its last checkpoint, evaluates, exports `main`, writes results.
 
-    Nothing is written before `check_run` passes (`checked`: the caller has run it on this config).
+    Nothing is written before `check_run` passes (`checked`: the caller has run it on this config) and `workdir`
+    is a directory this user may write in, or may create.
     """
+    workdir_lib.check_output_dir(workdir, "workdir")
     dataset, model, mesh = prepare_run(config) if checked else check_run(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,8 @@ class _TrainLoop:
                 if self._due(done, config.checkpoint_every_steps):
                     self._check_finite()
                     self._check_state_finite(done, state)
+                    self.writer.write(done, divergence.CHECKPOINT_KIND,
+                                      {divergence.PARAM_NORM: divergence.param_norm(state.params)})
                     self.checkpointer.save(done, state, self.train_iter.get_state())
                 if self._due(done, config.eval_every_steps):
                     results = evaluate_fn(state)
@@ -186,7 +193,7 @@ class _TrainLoop:
         if bad is not None:
             step, key = bad
             raise NonFiniteError(self._non_finite_message(
-                f"{key} became non-finite at step {step} ({self._batch_position(step, host[-1][0])})"))
+                f"{key} became non-finite at step {step} ({self._batch_position(step, host[-1][0])})", host))
         self.window = host
 
     def _batch_position(self, step: int, latest: int) -> str:
@@ -204,15 +211,24 @@ class _TrainLoop:
         leaf = first_non_finite_leaf(state)
         if leaf is not None:
             raise NonFiniteError(self._non_finite_message(
-                f"the train state became non-finite by step {step} (first non-finite leaf: {leaf}); it was not saved"))
+                f"the train state became non-finite by step {step} (first non-finite leaf: {leaf}); it was not saved",
+                self.window))
 
-    def _non_finite_message(self, what: str) -> str:
+    def _non_finite_message(self, what: str, window: list[tuple[int, Any]]) -> str:
+        """`what` happened; the kept checkpoints from after the divergence began are moved aside, and the advice
+        names the one to continue from (or says the run must start over)."""
         self.checkpointer.wait()
-        last = self.checkpointer.latest_step()
-        kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
-        return (f"{what} in {self.workdir}; training stopped and {kept}. Lower optimizer.learning_rate (or check "
-                f"the data) and continue from that checkpoint by re-running with "
-                f"--config.optimizer.learning_rate=NEW_LR --config.accept_changed_keys=optimizer.learning_rate.")
+        config = self.config
+        records = divergence.read_records(self.workdir, workdir_lib.METRICS_FILE)
+        host = [(step, jax.device_get(values)) for step, values in window]
+        verdict = divergence.judge(self.checkpointer.all_steps(),
+                                   divergence.loss_history(records, host, tuple(config.tasks)),
+                                   divergence.norm_history(records))
+        for step in verdict.diverged:
+            self.checkpointer.move_aside(step, workdir_lib.DIVERGED_DIR)
+        return (f"{what} in {self.workdir}; training stopped: " + divergence.advice(
+            verdict, workdir=self.workdir, learning_rate=config.optimizer.learning_rate,
+            accepted=config.get("accept_changed_keys"), moved_to=self.workdir / workdir_lib.DIVERGED_DIR))
 
     def _log(self, step: int, progress: reporting.Progress, extra: Mapping[str, Any]) -> None:
         self._check_finite()

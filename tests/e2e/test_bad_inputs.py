@@ -151,6 +151,36 @@ CASES = [
          r"config\.init_from\.scope='decoder'; expected one of"),
     Case("accept_unknown_key", run_py("--config.accept_changed_keys=optimizer.lr"),
          r"accept_changed_keys names 'optimizer\.lr', which is no config key"),
+    # every float of the config is finite (one generic check, issue 28)
+    Case("nan_dwa_temperature", run_py("--config.loss_weighting=dwa", "--config.weighting.dwa.temperature=nan"),
+         r"^error: config\.weighting\.dwa\.temperature=nan; expected a finite number\.$"),
+    Case("nan_learning_rate", run_py("--config.optimizer.learning_rate=nan"),
+         r"^error: config\.optimizer\.learning_rate=nan; expected a finite number\.$"),
+    Case("inf_deep_supervision_weight", run_py("--config.deep_supervision.weight=-inf"),
+         r"^error: config\.deep_supervision\.weight=-inf; expected a finite number\.$"),
+    # every path is the kind of thing it must be (issue 28)
+    Case("workdir_is_a_file", run_py(workdir="files/image.png"),
+         r"--workdir=.*files/image\.png is a file; expected a directory \(created if missing\)",
+         watched=("files", "data_dir")),
+    Case("workdir_under_a_file", run_py(workdir="files/image.png/run"),
+         r"--workdir=.*files/image\.png/run cannot be created: .*files/image\.png is a file",
+         watched=("files", "data_dir")),
+    Case("data_dir_is_a_file", run_py("--config.dataset.data_dir={files}/image.png"),
+         r"config\.dataset\.data_dir=.*files/image\.png is a file; expected a directory",
+         watched=("workdir", "files")),
+    Case("manual_dir_is_a_file", run_py("--config.dataset.manual_dir={files}/image.png"),
+         r"config\.dataset\.manual_dir=.*files/image\.png is a file; expected a directory"),
+    Case("reference_is_a_directory", run_py("--config.reference_results={files}"),
+         r"config\.reference_results='.*files' is a directory; expected a run's results\.json"),
+    Case("inference_output_is_a_file", module("auxmtl_jax.inference", "--model", "{trained}/inference", "--output",
+                                              "{files}/image.png", "{files}/ok.png"),
+         r"--output=.*files/image\.png is a file; expected a directory", watched=("files", "trained")),
+    Case("inference_model_is_a_file", module("auxmtl_jax.inference", "--model", "{files}/ok.png", "--output",
+                                             "{workdir}", "{files}/ok.png"),
+         r"ok\.png is a file; expected an exported model folder", watched=("workdir", "files")),
+    Case("experiment_workdir_is_a_file", module("auxmtl_jax.experiments", "strategies", "--workdir",
+                                                "{files}/image.png", "--size", "tiny"),
+         r"--workdir=.*files/image\.png is a file; expected a directory", watched=("files",)),
     # files the config names
     Case("reference_missing", run_py("--config.reference_results={files}/none.json"),
          r"config\.reference_results='.*none\.json' does not exist; expected a run's results\.json"),
@@ -284,9 +314,11 @@ def prepare_resume_workdirs(paths: Inputs) -> None:
     (paths.root / "resume_bad_config" / "config.json").write_text('{"name": "joint", ')
 
 
-def run_command(argv: list[str]) -> subprocess.CompletedProcess:
+def run_command(argv: list[str], prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python argv...` in the repository (after `prefix`, a command that execs the rest)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*prefix, sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_there_are_at_least_thirty_distinct_cases():
@@ -309,6 +341,53 @@ def test_bad_input_is_one_error_line_and_changes_nothing(inputs, case):
     assert "Traceback" not in output and not re.search(r"^\w+(Error|Exception)\b", output, re.M), output
     for name, tree in before.items():
         assert snapshot(watched_path(inputs, name)) == tree, f"{name} changed"
+
+
+def read_only_runner(directory: pathlib.Path) -> Callable[[list[str]], subprocess.CompletedProcess]:
+    """Runs a command with `directory` read-only: by its permission bits, or, as root (whom they do not stop), in a
+    private mount namespace where it is bind-mounted read-only (gone with the command); skips where neither works."""
+    if os.geteuid() != 0:
+        def run(argv):
+            folders = [directory, *(path for path in directory.rglob("*") if path.is_dir())]
+            for folder in folders:
+                folder.chmod(0o555)
+            try:
+                return run_command(argv)
+            finally:
+                for folder in folders:
+                    folder.chmod(0o755)
+        return run
+    mount = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount, str(directory), "sh", "-c", 'test ! -w "$0"',
+                            str(directory)], capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("running as root, whom permission bits do not stop, and a read-only bind mount in a private "
+                    "mount namespace (unshare -m) is not permitted here")
+    return lambda argv: run_command(argv, prefix=("unshare", "-m", "sh", "-c", mount, str(directory)))
+
+
+def test_an_unwritable_workdir_or_output_is_one_error_line_and_changes_nothing(inputs, tmp_path):
+    read_only = tmp_path / "read_only"
+    (read_only / "existing_run").mkdir(parents=True)
+    run = read_only_runner(read_only)
+    cases = {
+        "existing": (run_py(workdir=str(read_only / "existing_run"))(inputs),
+                     r"--workdir=.*existing_run is not writable \(permission denied or a read-only file system\)"),
+        "missing": (run_py(workdir=str(read_only / "new" / "run"))(inputs),
+                    r"--workdir=.*new/run cannot be created: .*read_only is not writable"),
+        "inference": (module("auxmtl_jax.inference", "--model", "{trained}/inference", "--output",
+                             str(read_only / "preds"), "{files}/ok.png")(inputs),
+                      r"--output=.*read_only/preds cannot be created: .*read_only is not writable"),
+    }
+    for name, (argv, message) in cases.items():
+        before = snapshot(read_only)
+        result = run(argv)
+        output = result.stdout + result.stderr
+        error_lines = [line for line in output.splitlines() if line.startswith("error:")]
+        assert result.returncode == errors.INPUT_ERROR_STATUS and len(error_lines) == 1, (name, output)
+        assert re.search(message, error_lines[0]), (name, error_lines[0])
+        assert "Traceback" not in output, output
+        assert snapshot(read_only) == before, name
 
 
 def test_verbose_shows_the_traceback_of_a_user_error(inputs):

@@ -245,9 +245,12 @@ def test_non_finite_loss_stops_naming_step_and_task(data_dir, tmp_path, monkeypa
     config = tiny_config(data_dir, log_every_steps=1)
     with pytest.raises(training.NonFiniteError, match=r"loss/depth became non-finite at step 3 \(its batch is number 2 "
                                                   r"of the training data order for seed 0.*next_batch=2\).*"
-                                                  r"checkpoint is step 2"):
+                                                  r"the last checkpoint, step 2, shows no sign of divergence.*"
+                                                  r"--config\.optimizer\.learning_rate=0\.005 "
+                                                  r"--config\.accept_changed_keys=optimizer\.learning_rate\.$"):
         programs.run(config, str(tmp_path))
     assert checkpoint_lib.Checkpointer(tmp_path, max_to_keep=3).latest_step() == 2
+    assert not (tmp_path / workdir_lib.DIVERGED_DIR).exists()  # a bad batch, no divergence: nothing moved
 
 
 def test_sweep_writes_comparison_table(data_dir, tmp_path):

@@ -119,3 +119,15 @@ def test_reference_results_that_is_a_directory(tmp_path):
     config.reference_results = str(tmp_path)
     with pytest.raises(UserError, match=r"config\.reference_results='.*' is a directory; expected a run's results"):
         checks.reference_results(config)
+
+
+def test_a_dataset_build_checks_it_may_write_before_it_starts(tmp_path, monkeypatch):
+    from auxmtl_jax import input_pipeline
+
+    config = tiny_config()
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match=r"^config\.dataset\.data_dir: the folder the build writes=.*/tfds/"
+                                        r"synthetic_scenes/tiny cannot be created: .* is not writable"):
+        input_pipeline.prepare_dataset(config.dataset)
+    assert listing(tmp_path) == []

@@ -1,8 +1,8 @@
 r"""Train-step cost of a config's network under several strategies and loss weightings, on random data.
 
-For each strategy (x weighting): train-state creation time (jitted init), compile time, XLA's FLOP count per step, and step
-time / images/s. Steps are timed in interleaved blocks (strategy A, B, A, B, ...) and the median block is
-reported, so the ratios hold on a noisy shared machine. No dataset is needed.
+For each strategy (x weighting): train-state creation time (jitted init), compile time, XLA's FLOP count and bytes
+accessed per step, and step time / images/s. Steps are timed in interleaved blocks (strategy A, B, A, B, ...) and
+the median block is reported, so the ratios hold on a noisy shared machine. No dataset is needed.
 
   # the paper net (MobileNetV2 U-shape, 3 tasks, 385x385, batch 12): Joint vs Auxi-all
   python benchmarks/train_step.py --config=configs/sunrgbd_three_task.py --strategies=joint,auxi_all
@@ -67,6 +67,7 @@ class Prepared(NamedTuple):
     init_seconds: float
     compile_seconds: float
     flops: float
+    bytes_accessed: float
 
 
 def prepare(config, strategy: str, num_classes: int, weighting: str = "equal") -> Prepared:
@@ -95,7 +96,8 @@ def prepare(config, strategy: str, num_classes: int, weighting: str = "equal") -
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     name = strategy if weighting == "equal" and len(_WEIGHTINGS.value) == 1 else f"{strategy} / {weighting}"
-    return Prepared(name, compiled, state, batch, init_seconds, compile_seconds, float(cost.get("flops", np.nan)))
+    return Prepared(name, compiled, state, batch, init_seconds, compile_seconds, float(cost.get("flops", np.nan)),
+                    float(cost.get("bytes accessed", np.nan)))
 
 
 def time_block(prepared: Prepared, steps: int) -> tuple[Prepared, float]:
@@ -141,13 +143,14 @@ def main(argv):
           f"batch {config.batch_size} x {tuple(config.input.crop_size)}  "
           f"{_BLOCKS.value} blocks of {_STEPS.value} steps")
     against = f"time vs {weightings[0]}" if per_strategy else "time vs first"
-    print(f"| run | init s | compile s | GFLOP/step | FLOPs vs first | step ms | images/s | {against} |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| run | init s | compile s | GFLOP/step | FLOPs vs first | GB accessed/step | step ms | images/s | "
+          f"{against} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for index, (run, step) in enumerate(timed):
         reference_step = timed[index - index % len(weightings)][1] if per_strategy else first_step
         print(f"| {run.name} | {run.init_seconds:.1f} | {run.compile_seconds:.1f} | {run.flops / 1e9:.1f} | "
-              f"{run.flops / first.flops:.3f}x | {1000 * step:.0f} | {config.batch_size / step:.1f} | "
-              f"{step / reference_step:.2f}x |")
+              f"{run.flops / first.flops:.3f}x | {run.bytes_accessed / 1e9:.2f} | {1000 * step:.0f} | "
+              f"{config.batch_size / step:.1f} | {step / reference_step:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ hyper-parameters. `config.loss_weighting='kendall+pcgrad'` chains a loss weighti
 (`chaining.chain`): the treatment combines the weighted tasks' gradients. A loss weighting's learned parameters live
 at `params['loss_weighting']` and the state in `TrainState.weighting_state`, so checkpoints resume it exactly.
 A treatment reads the tasks' gradients of the shared parameters (`base.shared_mask`): given the loss split into
-shared part and heads (`SplitLoss`), one backward pass through the heads and one `jax.vmap` of the shared part's
-VJP give them (`split_backward`); `config.weighting.space='representation'` solves on the gradients of the
-representation the decoders read instead (LibMTL's `rep_grad`; `mgda_ub` always does). Aux and deep-supervision terms are added unweighted after the weighting (the paper's
-Eq. 3); `weighting.aux_as_tasks=True` weights / treats each aux term as one more task.
+shared part and heads (`SplitLoss`), one backward pass through the heads and one VJP of the shared part per task
+give them (`split_backward`); `config.weighting.space='representation'` solves on the gradients of the
+representation the decoders read instead (LibMTL's `rep_grad`; `mgda_ub` always does). Aux and deep-supervision
+terms are added unweighted after the weighting (the paper's Eq. 3); `weighting.aux_as_tasks=True` weights /
+treats each aux term as one more task.
 """
 
 from __future__ import annotations

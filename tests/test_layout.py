@@ -107,3 +107,9 @@ def test_the_library_never_imports_configs():
 def test_no_module_over_500_lines():
     long = {name: count for name, path in MODULES.items() if (count := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_test_module_names_are_unique():
+    """Every test folder is on sys.path (conftest.py), so two test files with one basename collide at collection."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []

@@ -1,5 +1,5 @@
 """The NaN stop's verdict on a run's own history (`training.divergence`): which kept checkpoint is from before the
-divergence began, and advice that can be followed as written (the real runs: tests/e2e/test_divergence.py)."""
+divergence began, and advice that can be followed as written (the real runs: tests/e2e/test_nan_stop_advice.py)."""
 
 from __future__ import annotations
 

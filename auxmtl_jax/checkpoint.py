@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
+from auxmtl_jax import disk
 from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.workdir import (CHECKPOINT_DIR, DAMAGED_DIR, INFERENCE_CONFIG, INFERENCE_DIR, INFERENCE_VARIABLES,
                                INTEGRITY_DIR, to_jsonable, write_text_atomic)
@@ -112,7 +113,8 @@ class Checkpointer:
 
     After a save is committed, an integrity record (size and SHA-256 of every file) goes to
     WORKDIR/checkpoint_integrity/<step>.json; `restore_latest_intact` verifies it before restoring and falls back
-    to the newest intact step, moving damaged ones aside to WORKDIR/checkpoints_damaged/.
+    to the newest intact step, moving damaged ones aside to WORKDIR/checkpoints_damaged/. A save that fails for lack
+    of space is one `disk.DiskFullError`; its uncommitted folder is removed, the steps before it stay intact.
     """
 
     def __init__(self, workdir: epath.Path, *, max_to_keep: int | None = None, read_only: bool = False):
@@ -120,12 +122,14 @@ class Checkpointer:
         self.directory = self.workdir / CHECKPOINT_DIR
         self.integrity_dir = self.workdir / INTEGRITY_DIR
         self._unrecorded: list[int] = []
+        self._saving = (0, 0)  # (step, bytes of its state) of the latest save, which orbax may still be writing
         if read_only and not self.directory.exists():
             raise MissingInputError(f"{self.directory} does not exist; expected the workdir of a run.")
         options = (ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0) if read_only else
-                   ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                   ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                                 enable_async_checkpointing=True))
         self._manager = ocp.CheckpointManager(self.directory.resolve(), options=options)
+        disk.quiet_background_reports()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -146,19 +150,21 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
         """Saves `state` (global arrays) and this process's `data_state`; every process must call it."""
-        self.record_committed()
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), **{DATA_ITEM: ProcessLocalJsonSave(dict(data_state))}))
+        self.record_committed(wait=True)  # orbax waits for the previous save anyway; if it failed, it stops here
+        self._saving = (int(step), disk.tree_nbytes(state))
+        with self._space_for_save():
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), **{DATA_ITEM: ProcessLocalJsonSave(dict(data_state))}))
         self._unrecorded.append(int(step))
 
     def record_committed(self, wait: bool = False) -> None:
         """Writes the integrity records of saves that have been committed since (all of them with ``wait``)."""
         if not self._unrecorded:
             return
-        if wait:
-            self._manager.wait_until_finished()
-        elif self._manager.is_saving_in_progress():
+        if not wait and self._manager.is_saving_in_progress():
             return
+        with self._space_for_save():  # at once when not in progress; raises the error of a failed save
+            self._manager.wait_until_finished()
         kept = set(self._manager.all_steps())
         for step in self._unrecorded:
             if step in kept and jax.process_index() == 0:
@@ -173,6 +179,11 @@ class Checkpointer:
 
     def _record_path(self, step: int) -> epath.Path:
         return self.integrity_dir / f"{step}.json"
+
+    def _space_for_save(self):
+        """A save that fails for lack of space: one `disk.DiskFullError`, its uncommitted folder removed."""
+        step, state_bytes = self._saving
+        return disk.checkpoint_space(self.directory, step, state_bytes, self.all_steps, jax.process_index() == 0)
 
     def restore_latest_intact(self, target_state: Any) -> tuple[int, Any, dict | None]:
         """``(step, state, data_state)`` of the newest checkpoint whose files match their integrity record and
@@ -259,7 +270,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self.record_committed(wait=True)
-        self._manager.close()
+        with self._space_for_save():  # orbax repeats a failed save's error
+            self._manager.close()
 
 
 class _DamagedCheckpoint(Exception):
@@ -379,11 +391,13 @@ def export_inference(workdir: epath.Path, main_variables: Mapping[str, Any], mod
     """Writes WORKDIR/inference/ (main params + batch_stats + model.json) atomically; returns its path."""
     final = epath.Path(workdir) / INFERENCE_DIR
     tmp = epath.Path(workdir) / f".{INFERENCE_DIR}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir(parents=True)
+    weights = serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(main_variables)))
+    description = json.dumps(model_config, indent=2, sort_keys=True, default=to_jsonable)
     try:
-        host_variables = jax.tree.map(np.asarray, dict(main_variables))
-        (tmp / INFERENCE_VARIABLES).write_bytes(serialization.msgpack_serialize(host_variables))
-        (tmp / INFERENCE_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True, default=to_jsonable))
+        with disk.space_for(final, "exporting the model", len(weights) + len(description)):
+            tmp.mkdir(parents=True)
+            (tmp / INFERENCE_VARIABLES).write_bytes(weights)
+            (tmp / INFERENCE_CONFIG).write_text(description)
         if final.exists():
             old = epath.Path(workdir) / f".{INFERENCE_DIR}.{uuid.uuid4().hex}.old"
             final.rename(old)

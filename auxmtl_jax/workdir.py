@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import uuid
 from typing import Any, Mapping
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from auxmtl_jax import weighting as weighting_lib
+from auxmtl_jax.disk import write_text_atomic  # noqa: F401  (the one atomic writer, re-exported)
 from auxmtl_jax.errors import UserError
 
 CONFIG_FILE = "config.json"  # the run's config, with `config_changes` after an accepted change
@@ -30,6 +30,7 @@ INFERENCE_DIR = "inference"  # the export: `main` variables + model description
 INFERENCE_VARIABLES = "main_variables.msgpack"
 INFERENCE_CONFIG = "model.json"
 METRICS_FILE = "metrics.jsonl"  # one JSON object per train log / evaluation / checkpoint (its parameter norm)
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files of the same scalars
 RESULTS_FILE = "results.json"  # the final test metrics, Δm% and its convention
 RESULTS_TABLE = "results.txt"
 COMPARISON_TABLE = "comparison.txt"  # a sweep's table of its runs
@@ -147,14 +148,6 @@ def _differing_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
 
     return [(key, saved.get(key), current.get(key)) for key in keys
             if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_KEYS) and not added_as_before(key)]
-
-
-def write_text_atomic(path: epath.Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename, so a reader never sees half a file."""
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _local(path) -> pathlib.Path | None:

@@ -17,7 +17,7 @@ LAYERS = (
     ("analysis",),
     ("models", "weighting", "input_pipeline", "input_sizing", "checkpoint", "workdir"),
     ("metrics", "variants", "augment"),
-    ("tasks", "geometry", "parallel", "reporting", "errors"),
+    ("tasks", "geometry", "parallel", "reporting", "disk", "errors"),
 )
 MAX_LINES = 500
 

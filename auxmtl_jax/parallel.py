@@ -1,7 +1,8 @@
 """Data parallelism: one `('data',)` mesh over all devices, batch sharded, everything else replicated.
 
 Works unchanged on one CPU, several GPUs, a TPU slice and several hosts (after `initialize_distributed`); each
-host feeds its own share of the global batch.
+host feeds its own share of the global batch. Several processes are coordinated by `coordination`: timeouts as
+config fields, barriers after compilation, and a watchdog that stops the survivors of a lost process.
 """
 
 from __future__ import annotations
@@ -10,24 +11,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from auxmtl_jax import coordination
 from auxmtl_jax.errors import UserError
 
 DATA_AXIS = "data"
 
 
 def initialize_distributed(distributed_cfg) -> None:
-    """Starts multi-host JAX when the config names a coordinator (or always, when more processes are given)."""
-    address = distributed_cfg.get("coordinator_address")
-    num_processes = distributed_cfg.get("num_processes")
-    if address is None and num_processes is None:
-        return
-    if jax.distributed.is_initialized():
-        return
-    jax.distributed.initialize(
-        coordinator_address=address,
-        num_processes=num_processes,
-        process_id=distributed_cfg.get("process_id"),
-    )
+    """Starts multi-host JAX when the config names a coordinator (or always, when more processes are given), with
+    the config's timeouts; then the watchdog that stops this process when a peer is lost (`coordination`)."""
+    coordination.initialize(distributed_cfg)
 
 
 def create_mesh(num_devices: int | None = None) -> Mesh:

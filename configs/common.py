@@ -121,6 +121,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
     config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
     config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+    # Coordination timeouts, seconds (docs/reliability.md "Several processes"): every process must connect within
+    # initialization_timeout_s; a process silent for heartbeat_timeout_s is declared lost (the bound on how long
+    # survivors of a dead peer wait); processes meet at a barrier after each compilation (which can take minutes
+    # on a busy host) and before a checkpoint, and one that has not arrived after barrier_timeout_s stops the run.
+    config.distributed.initialization_timeout_s = 300
+    config.distributed.heartbeat_timeout_s = 100
+    config.distributed.barrier_timeout_s = 900
+    config.distributed.shutdown_timeout_s = 60
 
     # A sweep: {run_name: variant string}; each run trains in WORKDIR/<run_name> and a comparison table follows.
     config.runs = ml_collections.config_dict.placeholder(dict)

@@ -17,7 +17,7 @@ LAYERS = (
     ("analysis",),
     ("models", "weighting", "input_pipeline", "input_sizing", "checkpoint", "workdir"),
     ("metrics", "variants", "augment"),
-    ("tasks", "geometry", "parallel", "reporting", "disk", "errors"),
+    ("tasks", "geometry", "parallel", "reporting", "disk", "coordination", "errors"),
 )
 MAX_LINES = 500
 

@@ -23,6 +23,7 @@ from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import EXPERIMENTS, report, rewrite_report, run_and_report, runner
 from auxmtl_jax.experiments.definitions import variants_experiment
+from auxmtl_jax.training import preemption
 
 DELTA_M_HELP = (f"Δm%% convention of the report: {', '.join(metrics_lib.DELTA_M_CONVENTIONS)} (default "
                 f"{metrics_lib.DELTA_M_DEFAULT}: LibMTL's mean within each task, then over tasks)")
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parsers[command]().parse_args(argv[1:] if command != "run" else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("auxmtl_jax").setLevel(logging.INFO)
-    with errors.reported_as_one_line(args.verbose):
+    with preemption.exits_when_preempted(), errors.reported_as_one_line(args.verbose):
         if command == "claims":
             print_claims(args.dirs, args.family)
             return

@@ -41,7 +41,7 @@ from auxmtl_jax.nas import ppo as ppo_lib
 from auxmtl_jax.nas import reward as reward_lib
 from auxmtl_jax.models.genotype import CellSpace
 from auxmtl_jax.nas.controller import Controller
-from auxmtl_jax.training import checks, state as state_lib
+from auxmtl_jax.training import checks, preemption, state as state_lib
 
 log = logging.getLogger("auxmtl_jax")
 SEARCH_LOG = workdir_lib.SEARCH_LOG
@@ -187,9 +187,17 @@ def _score(search: SearchSetup, population: population_lib.PopulationState) -> l
     return results
 
 
-def _train(search: SearchSetup, population, batches, steps: int):
-    for _ in range(steps):
+def _train(search: SearchSetup, population, batches, steps: int, *, generation: int, first_step: int):
+    """`steps` population steps; a preemption stops the search between two of them (the generation in progress
+    is discarded: the search checkpoints whole generations, and re-running it repeats this one exactly)."""
+    for index in range(steps):
         population, _ = search.step_fn(population, next(batches))
+        step = generation * sum(search.config.search.steps) + first_step + index + 1
+        if preemption.reached(step):
+            batches.close()
+            message = (f"{preemption.signal_name()}: stopped the search during generation {generation}, which is "
+                       f"discarded; re-run the same command to resume after generation {generation - 1}")
+            raise preemption.Preempted(message, step)
     return population
 
 
@@ -207,7 +215,7 @@ def run_generation(search: SearchSetup, ppo_state: ppo_lib.PPOState, generation:
     batches = input_pipeline.create_train_iterator(search.meta_train, search.config.input,
                                                    tasks=tuple(search.config.tasks),
                                                    global_batch_size=search.config.batch_size, seed=search.config.seed)
-    population = _train(search, population, batches, config.steps[0])
+    population = _train(search, population, batches, config.steps[0], generation=generation, first_step=0)
     first = _score(search, population)
     first_rewards = np.asarray([reward for reward, _ in first])
     threshold = config.termination_fraction * reference if math.isfinite(reference) else -math.inf
@@ -215,7 +223,8 @@ def run_generation(search: SearchSetup, ppo_state: ppo_lib.PPOState, generation:
     final = first
     if config.steps[1] > 0 and survivors.any():
         population = population.replace(active=search.place(jnp.asarray(survivors)))
-        population = _train(search, population, batches, config.steps[1])
+        population = _train(search, population, batches, config.steps[1], generation=generation,
+                            first_step=config.steps[0])
         second = _score(search, population)
         final = [second[index] if survivors[index] else first[index] for index in range(len(first))]
     batches.close()
@@ -260,26 +269,29 @@ def run_search(config, workdir: str) -> dict:
     bar = tqdm(total=generations * config.search.population, initial=len(records), unit="candidate",
                disable=not config.progress_bar)
     started, evaluated_here = time.perf_counter(), 0
-    try:
-        for generation in range(generation, generations):
-            sampled, rewards, new_records, reference = run_generation(search, ppo_state, generation, reference)
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), generation), 1)
-            ppo_state, _ = ppo_lib.update(ppo_state, sampled.tokens, sampled.log_prob, rewards, key, ppo_settings,
-                                          search.controller)
-            records += new_records
-            _append_log(workdir, new_records)
-            best = max(records, key=lambda record: record["reward"])
-            workdir_lib.write_text_atomic(workdir / BEST_GENOTYPE, json.dumps(best["genotype"], indent=1) + "\n")
-            manager.save(generation + 1, args=ocp.args.StandardSave({"ppo": ppo_state,
-                                                                     "reference": np.asarray(reference, np.float32)}))
-            manager.wait_until_finished()
-            evaluated_here += len(new_records)
-            hours = (time.perf_counter() - started) / 3600
-            bar.update(len(new_records))
-            bar.set_postfix(best=f"{best['reward']:.4f}", per_hour=f"{evaluated_here / max(hours, 1e-9):.0f}")
-    finally:
-        bar.close()
-        manager.close()
+    with preemption.handle_signals():
+        try:
+            for generation in range(generation, generations):
+                sampled, rewards, new_records, reference = run_generation(search, ppo_state, generation, reference)
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), generation), 1)
+                ppo_state, _ = ppo_lib.update(ppo_state, sampled.tokens, sampled.log_prob, rewards, key,
+                                              ppo_settings, search.controller)
+                records += new_records
+                _append_log(workdir, new_records)
+                best = max(records, key=lambda record: record["reward"])
+                workdir_lib.write_text_atomic(workdir / BEST_GENOTYPE,
+                                              json.dumps(best["genotype"], indent=1) + "\n")
+                # force: only this loop decides (orbax's own check would feed the preemption sync point other steps)
+                manager.save(generation + 1, force=True, args=ocp.args.StandardSave(
+                    {"ppo": ppo_state, "reference": np.asarray(reference, np.float32)}))
+                manager.wait_until_finished()
+                evaluated_here += len(new_records)
+                hours = (time.perf_counter() - started) / 3600
+                bar.update(len(new_records))
+                bar.set_postfix(best=f"{best['reward']:.4f}", per_hour=f"{evaluated_here / max(hours, 1e-9):.0f}")
+        finally:
+            bar.close()
+            manager.close()
     return max(records, key=lambda record: record["reward"])
 
 

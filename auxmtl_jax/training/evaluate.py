@@ -13,6 +13,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import coordination
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
@@ -35,9 +36,10 @@ class Evaluator:
         self._new_metric_state = jax.jit(
             functools.partial(metrics_lib.init_state, tuple(config.tasks), dataset.num_classes),
             out_shardings=replicated)
-        self._eval_step = jax.jit(functools.partial(eval_step, model=model),
-                                  in_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
-                                  out_shardings=replicated, donate_argnums=1)
+        self._eval_step = coordination.together(
+            jax.jit(functools.partial(eval_step, model=model),
+                    in_shardings=(replicated, replicated, parallel.batch_sharding(mesh)),
+                    out_shardings=replicated, donate_argnums=1), "eval step")
 
     def __call__(self, state: TrainState) -> dict:
         metric_state = self._new_metric_state()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from etils import epath
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import coordination
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
@@ -22,7 +24,7 @@ from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import gradients
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import MultiTaskModel
-from auxmtl_jax.training import divergence
+from auxmtl_jax.training import divergence, preemption
 from auxmtl_jax.training.checks import check_run, check_workdir_genotype, prepare_run, reference_results
 from auxmtl_jax.training.evaluate import Evaluator, flatten_results, model_export_config, write_results
 from auxmtl_jax.training.state import TrainState, create_sharded_train_state, main_variables, run_weighting
@@ -100,25 +102,29 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: b
         start_step = checkpointer.latest_step() or 0
         workdir_lib.check_workdir_config(workdir, config, resume_step=start_step)
         check_workdir_genotype(workdir, model, resume_step=start_step)
-        state, state_sharding, tx, learning_rate_fn = create_sharded_train_state(config, model, mesh)
-        train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
-                                                          global_batch_size=config.batch_size, seed=config.seed)
-        if start_step:
-            start_step, state, data_state = checkpointer.restore_latest_intact(state)
-            train_iter.set_state(data_state)
-            log.info("resumed %s from step %d", workdir, start_step)
-        writer = reporting.MetricWriter(workdir)
-        writer.truncate_after(start_step)
-        if start_step == 0 and jax.process_index() == 0:
-            log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
+        with preemption.handle_signals():
+            state, state_sharding, tx, learning_rate_fn = create_sharded_train_state(config, model, mesh)
+            train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
+                                                              global_batch_size=config.batch_size, seed=config.seed)
+            pending_log = []
+            if start_step:
+                start_step, state, data_state = checkpointer.restore_latest_intact(state)
+                data_state, pending_log = split_pending_log(data_state)
+                train_iter.set_state(data_state)
+                log.info("resumed %s from step %d", workdir, start_step)
+            writer = reporting.MetricWriter(workdir)
+            writer.truncate_after(start_step)
+            if start_step == 0 and jax.process_index() == 0:
+                log.info("parameters of %s:\n%s", config.name, reporting.parameter_overview(state.params))
 
-        step_fn, grad_fn = step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding,
-                                          run_weighting(config))
-        evaluator = Evaluator(config, model, dataset, mesh)
-        coordinates = _gradient_coordinates(config, state)
-        loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter)
-        with jax.set_mesh(mesh):
-            state = loop.run(state, start_step, step_fn, grad_fn, coordinates, evaluator)
+            step_fn, grad_fn = step_functions(config, model, tx, learning_rate_fn, mesh, state_sharding,
+                                              run_weighting(config))
+            step_fn, grad_fn = coordination.together(step_fn, "train step"), coordination.together(grad_fn, "grad")
+            evaluator = Evaluator(config, model, dataset, mesh)
+            coordinates = _gradient_coordinates(config, state)
+            loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter, pending_log)
+            with jax.set_mesh(mesh):
+                state = loop.run(state, start_step, step_fn, grad_fn, coordinates, evaluator)
     finally:
         checkpointer.close()
         if writer is not None:
@@ -130,6 +136,18 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: b
         print(f"\n{config.name} (step {config.num_train_steps}):\n"
               f"{metrics_lib.format_table({config.name: results}, reference_results(config))}", flush=True)
     return TrainedRun(record, state, model, dataset, evaluator.data)
+
+
+PENDING_LOG = "pending_log"  # saved beside the iterator state: the train metrics of steps not yet logged
+
+
+def split_pending_log(data_state: dict | None) -> tuple[dict | None, list[tuple[int, dict]]]:
+    """A checkpoint's data state without the pending log window, and that window: [(step, {metric: value})]."""
+    if not data_state or PENDING_LOG not in data_state:
+        return data_state, []
+    data_state = dict(data_state)
+    pending = [(int(step), dict(values)) for step, values in data_state.pop(PENDING_LOG)]
+    return data_state, pending
 
 
 def _gradient_coordinates(config, state: TrainState):
@@ -144,10 +162,10 @@ def _gradient_coordinates(config, state: TrainState):
 class _TrainLoop:
     """The step loop with its periodic duties: logging, NaN checks, gradient statistics, checkpoints, eval."""
 
-    def __init__(self, config, workdir, mesh, writer, checkpointer, train_iter):
+    def __init__(self, config, workdir, mesh, writer, checkpointer, train_iter, pending_log=()):
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.writer, self.checkpointer, self.train_iter = writer, checkpointer, train_iter
-        self.window: list[tuple[int, Any]] = []
+        self.window: list[tuple[int, Any]] = list(pending_log)  # restored: the steps since the last log
         self.final_results: dict | None = None
 
     def _due(self, step: int, every: int) -> bool:
@@ -171,21 +189,42 @@ class _TrainLoop:
                     self._log(done, progress, extra)
                     self.checkpointer.record_committed()
                 if self._due(done, config.checkpoint_every_steps):
-                    self._check_finite()
-                    self._check_state_finite(done, state)
-                    self.writer.write(done, divergence.CHECKPOINT_KIND,
-                                      {divergence.PARAM_NORM: divergence.param_norm(state.params)})
-                    self.checkpointer.save(done, state, self.train_iter.get_state())
+                    self._save(done, state)
                 if self._due(done, config.eval_every_steps):
                     results = evaluate_fn(state)
                     self.writer.write(done, "eval", flatten_results(results))
                     if done == config.num_train_steps:
                         self.final_results = results
+                if preemption.reached(done) and done < config.num_train_steps:
+                    self._stop_preempted(done, state)
         finally:
             progress.close()
         if self.final_results is None:  # resumed after the last step: evaluate the restored state
             self.final_results = evaluate_fn(state)
         return state
+
+    def _save(self, step: int, state: TrainState) -> None:
+        """A checkpoint of `step`: only a finite state, with the iterator state and the steps not yet logged."""
+        self._check_finite()
+        self._check_state_finite(step, state)
+        self.writer.write(step, divergence.CHECKPOINT_KIND,
+                          {divergence.PARAM_NORM: divergence.param_norm(state.params)})
+        pending = [[window_step, {key: float(value) for key, value in values.items()}]
+                   for window_step, values in self.window]
+        self.checkpointer.save(step, state, {**self.train_iter.get_state(), PENDING_LOG: pending})
+
+    def _stop_preempted(self, step: int, state: TrainState) -> None:
+        """Saves a verified checkpoint of the agreed `step` (unless this step's periodic one was just saved) and
+        stops the run with `Preempted`."""
+        started = time.perf_counter()
+        if self.checkpointer.latest_step() != step:
+            self._save(step, state)
+        self.checkpointer.wait()
+        seconds = time.perf_counter() - started
+        message = (f"{preemption.signal_name()}: saved a verified checkpoint of step {step} of "
+                   f"{self.config.num_train_steps} in {self.workdir} ({seconds:.1f} s); re-run the same command to "
+                   "resume")
+        raise preemption.Preempted(message, step)
 
     def _check_finite(self) -> None:
         host = [(step, jax.device_get(values)) for step, values in self.window]

@@ -13,6 +13,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import coordination
 from auxmtl_jax import errors
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import parallel
@@ -151,6 +152,7 @@ def create_sharded_train_state(config, model: MultiTaskModel, mesh: Mesh):
     learning_rate_fn = run_learning_rate_fn(config, config.num_train_steps)
     state, tx = create_train_state(config, model, jax.random.key(config.seed), learning_rate_fn)
     state_sharding = jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
+    coordination.barrier("initialised train state")  # placing it compares every process's copy (a collective)
     return jax.device_put(state, state_sharding), state_sharding, tx, learning_rate_fn
 
 

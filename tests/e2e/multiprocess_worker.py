@@ -63,6 +63,7 @@ def worker_config(process_id: int, num_processes: int, port: int, data_dir: str)
     config.distributed.coordinator_address = f"127.0.0.1:{port}"
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
+    config.distributed.heartbeat_timeout_s = 15  # the lost-peer bound the tests wait for
     return config
 
 

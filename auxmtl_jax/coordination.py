@@ -1,7 +1,8 @@
 """Several processes (`jax.distributed`), coordinated: timeouts from the config, barriers, and a lost-peer watchdog.
 
-- `initialize`: connects to the coordinator with `config.distributed.*_timeout_s`; a process that does not
-  connect in time is one line naming the setting.
+- `initialize`: connects to the coordinator with `config.distributed.*_timeout_s`. A coordinator that does not
+  accept connections within `initialization_timeout_s` is one line naming the setting; a coordinator that is up
+  while a peer never registers is JAX's own abort (its connect aborts the process; docs/reliability.md).
 - `barrier` / `together`: processes meet after each compilation, before its first collective. Compiling can take
   minutes on a busy host and differ between processes, while a CPU collective (Gloo) waits only 30 s for its
   peers; the barrier waits `barrier_timeout_s` and, when it runs out, names the processes that did not arrive.
@@ -9,7 +10,8 @@
   its peers'. A peer silent for `heartbeat_timeout_s` (or a coordinator that no longer answers) stops this process
   within about one more second with one line naming the lost process, before anything more is written; the
   checkpoint being saved, if any, is never committed (orbax commits only when every process has finished it).
-  JAX's own heartbeat check, which aborts with a stack trace, is set to twice that as a backstop.
+  JAX's own heartbeat check, which aborts with a stack trace, is set to twice that as a backstop. When the lost
+  process is the coordinator (process 0), JAX's error polling aborts the survivors at once, before the watchdog.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import collections
 import math
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -29,7 +32,8 @@ import jax
 from auxmtl_jax.errors import UserError
 
 PEER_LOST_EXIT_STATUS = 76  # EX_PROTOCOL (sysexits.h): another process of the run is gone; re-run them all
-TIMEOUT_KEYS = ("initialization_timeout_s", "heartbeat_timeout_s", "barrier_timeout_s", "shutdown_timeout_s")
+DEFAULT_TIMEOUTS_S = {"initialization_timeout_s": 300, "heartbeat_timeout_s": 100, "barrier_timeout_s": 900,
+                      "shutdown_timeout_s": 60}  # configs/common.py's defaults (older configs lack the keys)
 HEARTBEAT_EVERY_S = 1.0
 _ALIVE_KEY = "auxmtl_jax/alive/{}"
 _DONE = "done"
@@ -39,7 +43,17 @@ _barriers: collections.Counter = collections.Counter()
 
 
 class CoordinationError(UserError):
-    """Another process did not connect, arrive or answer in time; names the process and the setting."""
+    """Another process did not connect, arrive or answer in time; names the process and the setting.
+
+    Once raised, this process leaves without JAX's shutdown barrier (which would wait for the absent process and
+    then abort with a stack trace): the process exits with status 1 right after its one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        _abandoned.append(True)
+
+
+_abandoned: list[bool] = []
 
 
 def _client():
@@ -50,8 +64,8 @@ def _client():
 
 def _timeouts(distributed_cfg) -> dict[str, float]:
     values = {}
-    for key in TIMEOUT_KEYS:
-        value = distributed_cfg.get(key, None)
+    for key, default in DEFAULT_TIMEOUTS_S.items():
+        value = distributed_cfg.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UserError(f"config.distributed.{key}={value!r}; expected a positive number of seconds.")
         values[key] = float(value)
@@ -75,10 +89,12 @@ def initialize(distributed_cfg) -> None:
     """Starts multi-process JAX when the config names a coordinator or a process count, then the watchdog."""
     address = distributed_cfg.get("coordinator_address")
     num_processes = distributed_cfg.get("num_processes")
+    timeouts = _timeouts(distributed_cfg)  # checked in every run, so a bad value never waits for a cluster
     if (address is None and num_processes is None) or jax.distributed.is_initialized():
         return
-    timeouts = _timeouts(distributed_cfg)
     process_id = distributed_cfg.get("process_id")
+    if address is not None and process_id not in (0, None):
+        _wait_for_coordinator(address, process_id, num_processes, timeouts["initialization_timeout_s"])
     try:
         jax.distributed.initialize(
             coordinator_address=address, num_processes=num_processes, process_id=process_id,
@@ -95,6 +111,26 @@ def initialize(distributed_cfg) -> None:
             "raise the setting.") from error
     _settings.update(timeouts, address=address)
     _start_watchdog(jax.process_index(), jax.process_count(), timeouts["heartbeat_timeout_s"], address)
+
+
+def _wait_for_coordinator(address: str, process_id: int, num_processes, timeout: float) -> None:
+    """Waits until the coordinator accepts a TCP connection: JAX's own connect aborts the process when it cannot
+    reach it, so this is the one place where an unreachable coordinator can still be one line."""
+    host, _, port = address.rpartition(":")
+    deadline, error = time.monotonic() + timeout, None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)):
+                return
+        except (OSError, ValueError) as problem:
+            error = problem
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    raise CoordinationError(
+        f"process {process_id} of {num_processes} could not reach the coordinator (process 0) at "
+        f"config.distributed.coordinator_address={address} within config.distributed.initialization_timeout_s="
+        f"{timeout:g} ({error}); start process 0 there, check the address, or raise the setting.")
 
 
 def barrier(name: str) -> None:
@@ -146,6 +182,10 @@ def _start_watchdog(process_id: int, num_processes: int, timeout: float, address
 
     def leave() -> None:  # runs before JAX's own shutdown (atexit is last-in, first-out)
         stopped.set()
+        if _abandoned:  # a peer is missing: JAX's shutdown barrier would wait for it, then abort
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         try:
             client.key_value_set(_ALIVE_KEY.format(process_id), _DONE, allow_overwrite=True)
         except Exception:  # noqa: BLE001  (the coordinator may already be gone; nothing to tell it then)

@@ -1,10 +1,13 @@
 """The search loop on the tiny dataset: it completes and writes its outputs, compiles its population step once,
-and a search killed after a generation resumes with the genotypes an uninterrupted search samples."""
+and a search stopped by SIGTERM after a generation resumes with the genotypes an uninterrupted search samples."""
 
 import contextlib
 import importlib
 import json
 import logging
+import os
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from auxmtl_jax import programs
 from auxmtl_jax.analysis import plot, search_plot
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import search as search_lib
+from auxmtl_jax.training import preemption
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def search_config(data_dir, num_candidates=6):
+def search_config(data_dir, num_candidates=4):
     config = importlib.import_module("auxmtl_configs.nas_search").get_config("runlocal")
     config.dataset.data_dir = data_dir
     # a small space keeps the searchable network quick to compile
@@ -51,10 +55,10 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     monkeypatch.setattr(population_lib, "population_train_step", counted)
     straight = tmp_path / "straight"
     best = programs.run(search_config(data_dir), str(straight))
-    assert len(traces) == 1  # three generations, one compiled population step
+    assert len(traces) == 1  # two generations, one compiled population step
     assert "each generation's 2 candidates are split over 2 devices" in caplog.text  # 4 host devices in tests
     lines = [json.loads(line) for line in (straight / search_lib.SEARCH_LOG).read_text().splitlines()]
-    assert [line["candidate"] for line in lines] == list(range(6))
+    assert [line["candidate"] for line in lines] == list(range(4))
     assert {"genotype", "reward", "metrics", "steps_trained", "early_terminated", "seconds"} <= set(lines[0])
     assert all(0 < line["reward"] <= 1 for line in lines)
     assert {line["steps_trained"] for line in lines} <= {2, 3}
@@ -68,7 +72,7 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     for figure in ("search_rewards.png", "search_operations.png", "best_genotype.png"):
         assert (straight / figure).stat().st_size > 10_000, figure
     generations, shares = search_plot.operation_shares(lines)
-    assert list(generations) == [0, 1, 2] and np.allclose(shares.sum(axis=1), 1.0)
+    assert list(generations) == [0, 1] and np.allclose(shares.sum(axis=1), 1.0)
     first = nas.genotype_from_json_dict(lines[0]["genotype"]).as_array()[..., 2:4].reshape(-1)
     second = nas.genotype_from_json_dict(lines[1]["genotype"]).as_array()[..., 2:4].reshape(-1)
     expected = np.bincount(np.concatenate([first, second]), minlength=len(nas.OPERATIONS)) / (first.size * 2)
@@ -76,17 +80,20 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     with pytest.raises(SystemExit, match="^1$"):
         plot.main(["search", str(tmp_path / "nowhere")])
 
-    # killed during the second generation (after the first one's checkpoint), then re-run: same genotypes
+    # sent SIGTERM during the second generation (after the first one's checkpoint): the search stops at its next
+    # population step, that generation discarded, and the re-run samples the same genotypes
+    assert threading.current_thread() is threading.main_thread()  # where signal handlers run
     killed = tmp_path / "killed"
     run_generation = search_lib.run_generation
 
-    def dies_in_second_generation(search, ppo_state, generation, reference):
+    def signalled_in_second_generation(search, ppo_state, generation, reference):
         if generation == 1:
-            raise KeyboardInterrupt("killed")
+            os.kill(os.getpid(), signal.SIGTERM)
         return run_generation(search, ppo_state, generation, reference)
 
-    monkeypatch.setattr(search_lib, "run_generation", dies_in_second_generation)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(search_lib, "run_generation", signalled_in_second_generation)
+    with pytest.raises(preemption.Preempted, match="stopped the search during generation 1, which is discarded; "
+                                                   "re-run the same command to resume after generation 0"):
         programs.run(search_config(data_dir), str(killed))
     assert len(genotype_sequence(killed)) == 2
     monkeypatch.setattr(search_lib, "run_generation", run_generation)

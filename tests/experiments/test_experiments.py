@@ -6,14 +6,18 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from etils import epath
 
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import training
+from auxmtl_jax.checkpoint import Checkpointer
+from auxmtl_jax.training import preemption
 from auxmtl_jax.training import loop as training_loop
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import (EXPERIMENTS, Claim, Experiment, Run, report, rewrite_report, run_and_report,
@@ -332,23 +336,50 @@ def test_another_size_in_the_same_dir_is_refused(finished_pair, data_dir):
         run_and_report(PAIR, str(root), seeds=2, size="cpu", overrides=[f"dataset.data_dir={data_dir}"])
 
 
+class SignalsSelfAt(KilledAfter):
+    """A train iterator that sends its own process `signum` when batch `at` (1-based) is requested."""
+
+    def __init__(self, iterator, at, signum):
+        super().__init__(iterator, limit=None)
+        self.at, self.signum = at, signum
+
+    def __next__(self):
+        self.served += 1
+        if self.served == self.at:
+            os.kill(os.getpid(), self.signum)
+        return next(self.iterator)
+
+
 @pytest.mark.slow
-def test_a_killed_experiment_resumes_to_the_uninterrupted_result(finished_pair, data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [pytest.param("kill", marks=pytest.mark.exhaustive), "SIGINT"])
+def test_an_interrupted_experiment_resumes_to_the_uninterrupted_result(stop, finished_pair, data_dir, tmp_path,
+                                                                       monkeypatch):
+    """Killed (after a checkpoint), or sent SIGINT/SIGTERM (the run in progress checkpoints the next step and stops
+    with `Preempted`): re-running the experiment trains only what is left and reaches the same numbers."""
+    if stop != "kill" and threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
     uninterrupted, _ = finished_pair
-    root = tmp_path / "killed"
+    root = tmp_path / "interrupted"
     create = input_pipeline.create_train_iterator
     started = []
 
-    def killing_iterator(*args, **kwargs):
-        started.append(True)  # the second run (auxi, seed 0) dies after its first checkpoint (step 2)
-        return KilledAfter(create(*args, **kwargs), 3) if len(started) == 2 else create(*args, **kwargs)
+    def interrupting_iterator(*args, **kwargs):
+        started.append(True)  # the second run (auxi, seed 0) is stopped at its third batch
+        if len(started) != 2:
+            return create(*args, **kwargs)
+        if stop == "kill":
+            return KilledAfter(create(*args, **kwargs), 3)
+        return SignalsSelfAt(create(*args, **kwargs), 3, signal.Signals[stop])
 
-    monkeypatch.setattr(input_pipeline, "create_train_iterator", killing_iterator)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(input_pipeline, "create_train_iterator", interrupting_iterator)
+    with pytest.raises(KeyboardInterrupt if stop == "kill" else preemption.Preempted):
         run_and_report(PAIR, str(root), seeds=1, size="tiny", overrides=[f"dataset.data_dir={data_dir}"])
+    stopped_run = root / "runs" / "auxi_seed0"
     assert (root / "runs" / "joint_seed0" / "results.json").exists()
-    assert not (root / "runs" / "auxi_seed0" / "results.json").exists()
+    assert not (stopped_run / "results.json").exists()
     assert not (root / "report.md").exists()
+    if stop != "kill":  # checkpointed at the step after the signal: batch 3 was asked for in step 3
+        assert Checkpointer(stopped_run, read_only=True).latest_step() == 3
 
     monkeypatch.setattr(input_pipeline, "create_train_iterator", create)
     run_and_report(PAIR, str(root), seeds=1, size="tiny", overrides=[f"dataset.data_dir={data_dir}"])

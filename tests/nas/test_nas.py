@@ -274,6 +274,7 @@ def carry_basic_variables(variables, genotype):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # a minute of compiling static builds; CI keeps the vmapped population and the search
 def test_one_compiled_function_serves_many_genotypes_and_matches_static_builds(batch):
     space = SMALL_SPACE
     searchable = nas_model(space)

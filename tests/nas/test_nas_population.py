@@ -82,6 +82,7 @@ def test_polyak_average_and_inactive_candidates(setup):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # 2-3 minutes; the search end to end (tests/e2e/test_nas_search.py) runs sharded in CI
 def test_population_sharded_over_a_candidates_axis_equals_one_device(setup):
     mesh = population_lib.candidates_mesh(jax.devices()[:4])
     population = population_lib.start_population(setup.start, genotypes(6, 7, 8, 9))

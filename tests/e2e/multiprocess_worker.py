@@ -1,9 +1,11 @@
-"""One process of a 2-device-per-process training run on 127.0.0.1, started by test_multiprocess.py.
+"""One process of a 2-device-per-process training run on 127.0.0.1 (test_multiprocess.py, test_preemption.py).
 
-  python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR [KILL_AT_BATCH]
+  python tests/e2e/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR [AT [SIGNALLED [SIGNAL]]]
 
-With KILL_AT_BATCH the process SIGKILLs itself when it asks for that training batch (no cleanup runs, as with
-`kill -9`); every process of the run is given the same value, so they all die at the same point.
+Trains `worker_config` (NUM_PROCESSES=1 runs without jax.distributed) through run.py's own exit handling. With AT,
+process SIGNALLED (default 0) sends itself SIGNAL (default TERM, a preemption; KILL, a lost process: no cleanup
+runs) when it asks for training batch AT (1-based): a real signal, delivered as a scheduler's or the OOM killer's
+would be, at a known step.
 """
 
 import os
@@ -23,23 +25,24 @@ jax.config.update("jax_compilation_cache_dir", os.environ.get(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from auxmtl_configs import synthetic_three_task  # noqa: E402
-from auxmtl_jax import input_pipeline, programs  # noqa: E402
+from auxmtl_jax import errors, input_pipeline, programs  # noqa: E402
+from auxmtl_jax.training import preemption  # noqa: E402
 
 NUM_TRAIN_STEPS = 6
 
 
-class KillSelfAt:
-    """A train iterator that SIGKILLs its process when batch `kill_at` (1-based) is requested."""
+class SignalSelfAt:
+    """A train iterator that sends its process `signum` when batch `signal_at` (1-based) is requested."""
 
-    def __init__(self, iterator, kill_at):
-        self.iterator, self.kill_at, self.served = iterator, kill_at, 0
+    def __init__(self, iterator, signal_at, signum=signal.SIGTERM):
+        self.iterator, self.signal_at, self.signum, self.served = iterator, signal_at, signum, 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.served + 1 == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.served + 1 == self.signal_at:
+            os.kill(os.getpid(), self.signum)
         self.served += 1
         return next(self.iterator)
 
@@ -48,6 +51,11 @@ class KillSelfAt:
 
     def set_state(self, state):
         self.iterator.set_state(state)
+
+    def close(self):
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def worker_config(process_id: int, num_processes: int, port: int, data_dir: str):
@@ -70,11 +78,19 @@ def worker_config(process_id: int, num_processes: int, port: int, data_dir: str)
 def main(argv):
     process_id, num_processes, port = map(int, argv[1:4])
     data_dir, workdir = argv[4], argv[5]
-    kill_at = int(argv[6]) if len(argv) > 6 else 0
-    if kill_at:
+    signal_at = int(argv[6]) if len(argv) > 6 else 0
+    signalled = int(argv[7]) if len(argv) > 7 else 0
+    signum = signal.Signals["SIG" + (argv[8] if len(argv) > 8 else "TERM")]
+    config = worker_config(process_id, num_processes, port, data_dir)
+    if num_processes == 1:
+        config.distributed.coordinator_address = None
+        config.distributed.num_processes = None
+        config.distributed.process_id = None
+    if signal_at and process_id == signalled:
         create = input_pipeline.create_train_iterator
-        input_pipeline.create_train_iterator = lambda *a, **k: KillSelfAt(create(*a, **k), kill_at)
-    programs.run(worker_config(process_id, num_processes, port, data_dir), workdir)
+        input_pipeline.create_train_iterator = lambda *a, **k: SignalSelfAt(create(*a, **k), signal_at, signum)
+    with preemption.exits_when_preempted(), errors.reported_as_one_line():
+        programs.run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A 2-process x 2-device run on 127.0.0.1 (workers: preemption_worker.py): one process SIGKILLed mid-run (the
+"""A 2-process x 2-device run on 127.0.0.1 (workers: multiprocess_worker.py): one process SIGKILLed mid-run (the
 survivor stops with one line within the heartbeat bound, and the re-run resumes), and one sent SIGTERM (both
 checkpoint at the step they agree on, exit 75, and the re-run resumes); both end where an uninterrupted run ends."""
 
@@ -23,9 +23,9 @@ from auxmtl_jax import coordination
 from auxmtl_jax import input_pipeline
 from auxmtl_jax.training import preemption
 
-WORKER = os.path.join(os.path.dirname(__file__), "preemption_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 NUM_PROCESSES = 2
-NUM_TRAIN_STEPS = 6  # multiprocess_worker.NUM_TRAIN_STEPS: logs and checkpoints at 2, 4, 6; evaluations at 3, 6
+NUM_TRAIN_STEPS = 6  # multiprocess_worker's: logs and checkpoints at 2, 4, 6; evaluations at 3, 6
 HEARTBEAT_TIMEOUT_S = 15  # multiprocess_worker.worker_config's distributed.heartbeat_timeout_s
 RUN_TIMEOUT_S = 300
 

@@ -8,24 +8,11 @@ import re
 import subprocess
 import sys
 
-import ml_collections
-import pytest
-
 from auxmtl_jax import checkpoint as checkpoint_lib
-from auxmtl_jax import input_pipeline
 from auxmtl_jax.training import preemption
-from test_multiprocess import NUM_TRAIN_STEPS, assert_same_run
+from test_multiprocess import NUM_TRAIN_STEPS, assert_same_run, data_dir  # noqa: F401  (the module's tiny dataset)
 
-WORKER = os.path.join(os.path.dirname(__file__), "preemption_worker.py")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    cfg = ml_collections.ConfigDict(dict(name="synthetic_scenes", config="tiny", manual_dir=None, data_dir=path,
-                                         prepare=True, train_split="train", eval_split="test"))
-    input_pipeline.prepare_dataset(cfg)
-    return path
+WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 
 
 def run_one_process(data_dir, workdir, *extra) -> subprocess.CompletedProcess:

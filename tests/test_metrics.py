@@ -244,3 +244,140 @@ def test_format_table_by_hand():
     assert 'Δm%' not in metrics.format_table(rows)
     with pytest.raises(ValueError, match='unknown metric depth/mae'):
         metrics.format_table({'run': {'depth': {'mae': 1.0}}})
+
+
+# Reductions (issue 29): two batches small enough to compute by hand. Each batch is one 2x4 image.
+def _tilted(degrees):
+    return [0.0, math.sin(math.radians(degrees)), math.cos(math.radians(degrees))]
+
+
+_UP, _NONE = [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]
+_HAND_BATCHES = [
+    # Batch 1: depth valid at 2 pixels (labels 1, 2; predictions 1.5, 2): |err| 0.5, 0; rel 0.5, 0; ratio 1.5, 1.
+    # Normals valid at 4 pixels with angles 0, 10, 20, 40 (an even count: median (10 + 20) / 2 = 15).
+    ({'depth': [1.5, 2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
+      'normal': [_UP, _tilted(10), _tilted(20), _tilted(40), _tilted(90), _UP, _UP, _UP],
+      'segmentation': [0, 0, 1, 1, 1, 0, 0, 0]},
+     {'depth': [1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+      'normal': [_UP, _UP, _UP, _UP, _NONE, _NONE, _NONE, _NONE],
+      'segmentation': [0, 0, 1, 0, 255, 255, 255, 255]}),
+    # Batch 2: depth valid at 6 pixels (labels 2, 2, 2, 2, 4, 4; predictions 2, 3, 1, 2.5, 4, 6):
+    # |err| 0, 1, 1, 0.5, 0, 2; rel 0, 0.5, 0.5, 0.25, 0, 0.5; ratio 1, 1.5, 2, 1.25, 1, 1.5.
+    # Normals valid at 3 pixels with angles 5, 25, 60 (median 25).
+    ({'depth': [2.0, 3.0, 1.0, 2.5, 4.0, 6.0, 5.0, 5.0],
+      'normal': [_tilted(5), _tilted(25), _tilted(60), _UP, _tilted(70), _UP, _UP, _UP],
+      'segmentation': [1, 1, 1, 1, 0, 0, 0, 0]},
+     {'depth': [2.0, 2.0, 2.0, 2.0, 4.0, 4.0, 0.0, 0.0],
+      'normal': [_UP, _UP, _UP, _NONE, _NONE, _NONE, _NONE, _NONE],
+      'segmentation': [1, 1, 0, 255, 255, 255, 255, 255]}),
+    # Batch 3: padding only, no valid pixel for any task (predictions are junk).
+    ({'depth': [7.0] * 8, 'normal': [_tilted(80)] * 8, 'segmentation': [1] * 8},
+     {'depth': [0.0] * 8, 'normal': [_NONE] * 8, 'segmentation': [255] * 8}),
+]
+
+
+def _hand_batch(index):
+    predictions, labels = _HAND_BATCHES[index]
+    predicted_classes = np.asarray(predictions['segmentation']).reshape(1, 2, 4)
+    return ({'depth': jnp.asarray(predictions['depth'], jnp.float32).reshape(1, 2, 4, 1),
+             'normal': jnp.asarray(predictions['normal'], jnp.float32).reshape(1, 2, 4, 3),
+             'segmentation': _one_hot_logits(predicted_classes, 2)},
+            {'depth': jnp.asarray(labels['depth'], jnp.float32).reshape(1, 2, 4, 1),
+             'normal': jnp.asarray(labels['normal'], jnp.float32).reshape(1, 2, 4, 3),
+             'segmentation': jnp.asarray(labels['segmentation'], jnp.int32).reshape(1, 2, 4)})
+
+
+def _hand_results(reduction, batches):
+    update = jax.jit(metrics.update_state, donate_argnums=0)
+    state = metrics.init_state(tasks.TASK_NAMES, 2, reduction=reduction)
+    for index in batches:
+        previous = state
+        state = update(state, *_hand_batch(index))
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(previous))  # donated, and still jit-able
+    return metrics.compute(state)
+
+
+_PER_PIXEL_BY_HAND = {  # 8 valid depth pixels, 7 valid angles (0, 5, 10, 20, 25, 40, 60)
+    'depth': {'abs_err': (0.5 + 4.5) / 8, 'rel_err': (0.5 + 1.75) / 8, 'rms': math.sqrt((0.25 + 6.25) / 8),
+              'delta1': (1 + 2) / 8, 'delta2': (2 + 5) / 8, 'delta3': (2 + 5) / 8},
+    'normal': {'mean': 160 / 7, 'median': 20.0, 'within_11.25': 3 / 7, 'within_22.5': 4 / 7, 'within_30': 5 / 7}}
+_PER_BATCH_BY_HAND = {  # batch 1 and batch 2 values, then their mean
+    'depth': {'abs_err': (0.5 / 2 + 4.5 / 6) / 2, 'rel_err': (0.5 / 2 + 1.75 / 6) / 2,
+              'rms': (math.sqrt(0.25 / 2) + math.sqrt(6.25 / 6)) / 2,
+              'delta1': (1 / 2 + 2 / 6) / 2, 'delta2': (2 / 2 + 5 / 6) / 2, 'delta3': (2 / 2 + 5 / 6) / 2},
+    'normal': {'mean': (70 / 4 + 90 / 3) / 2, 'median': (15 + 25) / 2, 'within_11.25': (2 / 4 + 1 / 3) / 2,
+               'within_22.5': (3 / 4 + 1 / 3) / 2, 'within_30': (3 / 4 + 2 / 3) / 2}}
+# Confusion over both batches (rows = truth): 0 -> {0: 2, 1: 2}, 1 -> {1: 3}; IoU 2/4, 3/5; 5 of 7 right.
+_SEGMENTATION_BY_HAND = {'miou': (2 / 4 + 3 / 5) / 2, 'pixel_acc': 5 / 7}
+
+
+@pytest.mark.parametrize('reduction, expected', [('per_pixel', _PER_PIXEL_BY_HAND),
+                                                 ('per_batch', _PER_BATCH_BY_HAND)])
+def test_reductions_by_hand_on_two_batches_and_padding(reduction, expected):
+    results = _hand_results(reduction, [0, 1])
+    assert results['segmentation'] == pytest.approx(_SEGMENTATION_BY_HAND)
+    assert results['depth'] == pytest.approx(expected['depth'], rel=1e-6)
+    normal = dict(results['normal'])
+    # per_pixel's median is the histogram's (within a bin); per_batch's is exact (float32 angles)
+    median_tolerance = metrics.ANGLE_BIN_DEGREES if reduction == 'per_pixel' else 1e-4
+    assert normal.pop('median') == pytest.approx(expected['normal']['median'], abs=median_tolerance)
+    assert normal == pytest.approx({k: v for k, v in expected['normal'].items() if k != 'median'}, abs=1e-5)
+    # A padding-only batch is not counted: the results stay exactly the same.
+    assert _hand_results(reduction, [0, 1, 2]) == results
+    assert _hand_results(reduction, [2, 0, 2, 1]) == results
+
+
+def test_per_pixel_is_the_default_and_per_batch_differs_only_where_it_should():
+    assert metrics.REDUCTIONS == ('per_pixel', 'per_batch')
+    predictions, batch = _random_data(seed=4)
+    default = metrics.init_state(tasks.TASK_NAMES, 4)
+    explicit = metrics.init_state(tasks.TASK_NAMES, 4, reduction='per_pixel')
+    assert jax.tree.structure(default) == jax.tree.structure(explicit)
+    per_batch = metrics.compute(jax.jit(metrics.update_state)(
+        metrics.init_state(tasks.TASK_NAMES, 4, reduction='per_batch'), predictions, batch))
+    per_pixel = metrics.compute(jax.jit(metrics.update_state)(default, predictions, batch))
+    assert per_batch['segmentation'] == per_pixel['segmentation']
+    # One batch: per_batch is per_pixel, up to float32 rounding and the per_pixel histogram median.
+    median = per_pixel['normal'].pop('median')
+    assert per_batch['normal'].pop('median') == pytest.approx(median, abs=metrics.ANGLE_BIN_DEGREES)
+    _assert_results_close(per_batch, per_pixel)
+
+
+def test_per_batch_matches_mtan_formulas_in_numpy_under_sharding():
+    predictions, batch = _random_data(seed=5)
+    mesh = Mesh(jax.devices()[:4], ('data',))
+    update = jax.jit(metrics.update_state)
+    state = metrics.init_state(['depth', 'normal'], reduction='per_batch')
+    expected = {name: [] for name in ('abs_err', 'rel_err', 'mean', 'median', 'within_11.25', 'within_30')}
+    for start in (0, 4):
+        part = jax.tree.map(lambda array: array[start:start + 4], (predictions, batch))
+        state = update(state, *jax.device_put(part, NamedSharding(mesh, P('data'))))
+        # mtan im2im_pred/utils.py depth_error / normal_error on this batch (labels here are unit or zero vectors).
+        depth, label = part[0]['depth'].astype(np.float64), part[1]['depth'].astype(np.float64)
+        mask = label != 0
+        expected['abs_err'].append(np.abs(depth[mask] - label[mask]).mean())
+        expected['rel_err'].append((np.abs(depth[mask] - label[mask]) / label[mask]).mean())
+        normal_mask = part[1]['normal'].any(-1)
+        cosine = np.sum(part[0]['normal'].astype(np.float64) * part[1]['normal'], -1)[normal_mask]
+        error = np.degrees(np.arccos(np.clip(cosine, -1, 1)))
+        expected['mean'].append(np.mean(error))
+        expected['median'].append(np.median(error))
+        expected['within_11.25'].append(np.mean(error < 11.25))
+        expected['within_30'].append(np.mean(error < 30))
+    results = metrics.compute(state)
+    flat = {**results['depth'], **results['normal']}
+    for name, values in expected.items():
+        assert flat[name] == pytest.approx(np.mean(values), rel=1e-5), name
+
+
+def test_bad_reduction_and_describe_reduction():
+    for bad in ('per_image', 'PER_PIXEL', None):
+        with pytest.raises(ValueError, match=rf"metrics.init_state: reduction={bad!r}; "
+                                             r"expected one of 'per_pixel', 'per_batch'"):
+            metrics.init_state(['depth'], reduction=bad)
+    with pytest.raises(ValueError, match="metrics.describe_reduction: reduction='mean'; expected one of"):
+        metrics.describe_reduction('mean')
+    lines = {reduction: metrics.describe_reduction(reduction) for reduction in metrics.REDUCTIONS}
+    assert lines['per_pixel'].startswith('per_pixel: ') and 'LibMTL' in lines['per_pixel']
+    assert lines['per_batch'].startswith('per_batch: ') and 'mtan' in lines['per_batch']
+    assert all('\n' not in line for line in lines.values())

@@ -117,10 +117,11 @@ class Checkpointer:
     of space is one `disk.DiskFullError`; its uncommitted folder is removed, the steps before it stay intact.
     """
 
-    def __init__(self, workdir: epath.Path, *, max_to_keep: int | None = None, read_only: bool = False):
+    def __init__(self, workdir: epath.Path, *, max_to_keep: int | None = None, read_only: bool = False,
+                 folders: tuple[str, str] = (CHECKPOINT_DIR, INTEGRITY_DIR)):
         self.workdir = epath.Path(workdir)
-        self.directory = self.workdir / CHECKPOINT_DIR
-        self.integrity_dir = self.workdir / INTEGRITY_DIR
+        self.directory = self.workdir / folders[0]
+        self.integrity_dir = self.workdir / folders[1]
         self._unrecorded: list[int] = []
         self._saving = (0, 0)  # (step, bytes of its state) of the latest save, which orbax may still be writing
         if read_only and not self.directory.exists():
@@ -213,6 +214,13 @@ class Checkpointer:
                              f"{self.workdir / DAMAGED_DIR}); nothing intact to resume from. Train again in a fresh "
                              f"--workdir, or delete {self.directory} to start this run over.")
         return 0, target_state, None
+
+    def delete(self, step: int) -> None:
+        """Deletes checkpoint `step` and its integrity record (every process calls it)."""
+        self.record_committed(wait=True)
+        self._manager.delete(step)
+        if jax.process_index() == 0 and self._record_path(step).exists():
+            self._record_path(step).unlink()
 
     def move_aside(self, step: int, folder: str = DAMAGED_DIR) -> epath.Path:
         """Moves checkpoint `step` and its integrity record out of the way (never deleted) to

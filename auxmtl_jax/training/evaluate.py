@@ -25,16 +25,20 @@ from auxmtl_jax.training.steps import eval_step
 
 
 class Evaluator:
-    """Streams the whole test split through `main` of a train state into on-device metrics; callable repeatedly."""
+    """Streams a whole split (the test split unless `split` is given) through `main` of a train state into on-device
+    metrics, reduced as config.evaluation.reduction says; callable repeatedly."""
 
-    def __init__(self, config, model: MultiTaskModel, dataset: input_pipeline.DatasetInfo, mesh: Mesh):
+    def __init__(self, config, model: MultiTaskModel, dataset: input_pipeline.DatasetInfo, mesh: Mesh,
+                 split: str | None = None):
         self.mesh = mesh
+        self.split = split or config.dataset.eval_split
         replicated = parallel.replicated_sharding(mesh)
         self.data = input_pipeline.create_eval_dataset(config.dataset, config.input, tasks=tuple(config.tasks),
-                                                       global_batch_size=config.eval_batch_size)
+                                                       global_batch_size=config.eval_batch_size, split=self.split)
+        reduction = (config.get("evaluation") or {}).get("reduction", "per_pixel")
         # The step donates its metric state, so every evaluation starts from newly made zeros.
         self._new_metric_state = jax.jit(
-            functools.partial(metrics_lib.init_state, tuple(config.tasks), dataset.num_classes),
+            functools.partial(metrics_lib.init_state, tuple(config.tasks), dataset.num_classes, reduction=reduction),
             out_shardings=replicated)
         self._eval_step = coordination.together(
             jax.jit(functools.partial(eval_step, model=model),
@@ -42,8 +46,11 @@ class Evaluator:
                     out_shardings=replicated, donate_argnums=1), "eval step")
 
     def __call__(self, state: TrainState) -> dict:
+        return self.evaluate_variables(main_variables(state))
+
+    def evaluate_variables(self, variables) -> dict:
+        """The metrics of `main` with these variables ({'params', 'batch_stats'}, as `main_variables` gives)."""
         metric_state = self._new_metric_state()
-        variables = main_variables(state)
         for local_batch in self.data:
             metric_state = self._eval_step(variables, metric_state, parallel.global_batch(local_batch, self.mesh))
         return metrics_lib.compute(metric_state)
@@ -58,10 +65,13 @@ def _results_delta_m(results, references) -> float | None:
         return None
 
 
-def write_results(workdir: epath.Path, name: str, step: int, results: dict, references) -> dict:
-    """WORKDIR/results.json and a readable results.txt, both written atomically."""
-    record = {"name": name, "step": int(step), "metrics": results, "delta_m": _results_delta_m(results, references),
-              "delta_m_convention": metrics_lib.DELTA_M_DEFAULT}
+def write_results(workdir: epath.Path, name: str, step: int, results: dict, references,
+                  report: Mapping | None = None) -> dict:
+    """WORKDIR/results.json and a readable results.txt, both written atomically. `results` are the reported
+    metrics; `report` adds what they are (`selection.report_record`: rule, reduction, the other evaluations)."""
+    record = {"name": name, "step": int(step), "metrics": results, **{k: v for k, v in (report or {}).items()
+                                                                       if k != "metrics"},
+              "delta_m": _results_delta_m(results, references), "delta_m_convention": metrics_lib.DELTA_M_DEFAULT}
     if jax.process_index() == 0:
         workdir_lib.write_text_atomic(workdir / workdir_lib.RESULTS_FILE, json.dumps(record, indent=2, allow_nan=True))
         workdir_lib.write_text_atomic(workdir / workdir_lib.RESULTS_TABLE,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from auxmtl_jax.analysis import gradients
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import MultiTaskModel
 from auxmtl_jax.training import divergence, preemption
+from auxmtl_jax.training import selection as selection_lib
 from auxmtl_jax.training.checks import check_run, check_workdir_genotype, prepare_run, reference_results
 from auxmtl_jax.training.evaluate import Evaluator, flatten_results, model_export_config, write_results
 from auxmtl_jax.training.state import TrainState, create_sharded_train_state, main_variables, run_weighting
@@ -41,6 +42,15 @@ class TrainedRun(NamedTuple):
     model: MultiTaskModel
     dataset: input_pipeline.DatasetInfo
     eval_data: Any  # the evaluator's test batches
+
+
+class _Evaluations(NamedTuple):
+    """What a periodic evaluation runs: the test evaluator, and the validation evaluator with its selection."""
+
+    plan: selection_lib.EvaluationPlan
+    test: Evaluator
+    validation: Evaluator | None
+    selection: selection_lib.Selection | None
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -97,7 +107,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: b
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
-    writer = None
+    plan = selection_lib.evaluation_plan(config)
+    writer = selection = None
     try:
         start_step = checkpointer.latest_step() or 0
         workdir_lib.check_workdir_config(workdir, config, resume_step=start_step)
@@ -106,10 +117,11 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: b
             state, state_sharding, tx, learning_rate_fn = create_sharded_train_state(config, model, mesh)
             train_iter = input_pipeline.create_train_iterator(config.dataset, config.input, tasks=tuple(config.tasks),
                                                               global_batch_size=config.batch_size, seed=config.seed)
-            pending_log = []
+            pending_log, logged = [], {}
             if start_step:
                 start_step, state, data_state = checkpointer.restore_latest_intact(state)
                 data_state, pending_log = split_pending_log(data_state)
+                data_state, logged = split_evaluation_log(data_state)
                 train_iter.set_state(data_state)
                 log.info("resumed %s from step %d", workdir, start_step)
             writer = reporting.MetricWriter(workdir)
@@ -121,16 +133,25 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: b
                                               run_weighting(config))
             step_fn, grad_fn = coordination.together(step_fn, "train step"), coordination.together(grad_fn, "grad")
             evaluator = Evaluator(config, model, dataset, mesh)
+            validator = None
+            if plan.validation_split:
+                validator = Evaluator(config, model, dataset, mesh, split=plan.validation_split)
+                selection = selection_lib.Selection(plan, workdir, reference_results(config), tuple(config.tasks))
+                selection.resume(start_step, logged.get(selection_lib.VALIDATION_KIND, {}))
+            evaluations = _Evaluations(plan, evaluator, validator, selection)
             coordinates = _gradient_coordinates(config, state)
-            loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter, pending_log)
+            loop = _TrainLoop(config, workdir, mesh, writer, checkpointer, train_iter, pending_log, logged)
             with jax.set_mesh(mesh):
-                state = loop.run(state, start_step, step_fn, grad_fn, coordinates, evaluator)
+                state = loop.run(state, start_step, step_fn, grad_fn, coordinates, evaluations)
+                report = _report(config, evaluations, loop.logged, state)
     finally:
         checkpointer.close()
+        if selection is not None:
+            selection.close()
         if writer is not None:
             writer.close()
-    results = loop.final_results
-    record = write_results(workdir, config.name, config.num_train_steps, results, reference_results(config))
+    results = report["metrics"]
+    record = write_results(workdir, config.name, config.num_train_steps, results, reference_results(config), report)
     if jax.process_index() == 0:
         checkpoint_lib.export_inference(workdir, main_variables(state), model_export_config(config, dataset))
         print(f"\n{config.name} (step {config.num_train_steps}):\n"
@@ -139,6 +160,47 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: b
 
 
 PENDING_LOG = "pending_log"  # saved beside the iterator state: the train metrics of steps not yet logged
+
+
+EVALUATION_LOG = "evaluation_log"  # saved beside the iterator state: every evaluation so far, by kind
+
+
+def split_evaluation_log(data_state: dict | None) -> tuple[dict | None, dict[str, dict[int, dict]]]:
+    """A checkpoint's data state without its evaluation log, and that log: {kind: {step: {task: {metric: v}}}}."""
+    if not data_state or EVALUATION_LOG not in data_state:
+        return data_state, {}
+    data_state = dict(data_state)
+    logged = {kind: {int(step): selection_lib.unflatten_results(values) for step, values in lines}
+              for kind, lines in data_state.pop(EVALUATION_LOG).items()}
+    return data_state, logged
+
+
+def _report(config, evaluations: _Evaluations, logged: Mapping[str, Mapping[int, dict]], state) -> dict:
+    """results.json's description of what was reported: the final, last-K mean and selected test metrics.
+
+    The test split is evaluated here only for the selected step's weights, and only when no periodic test
+    evaluation of that step exists."""
+    plan, tests = evaluations.plan, logged.get(selection_lib.EVAL_KIND, {})
+    final = tests[config.num_train_steps]
+    last_mean = None
+    if plan.average_last > 1:
+        last_mean = selection_lib.mean_results([tests[step] for step in plan.last_steps])
+    test_read_at = [step for step in tests]
+    selected = None
+    if evaluations.selection is not None and evaluations.selection.best is not None:
+        step = evaluations.selection.best[0]
+        if step in tests:
+            test = tests[step]
+        else:
+            test = evaluations.test.evaluate_variables(evaluations.selection.restore_best(main_variables(state)))
+            test_read_at.append(step)
+        evaluations.selection.prune(None)
+        selected = evaluations.selection.record(test, step)
+    elif plan.report == "selected":
+        raise UserError(f"no validation evaluation of {config.name} gave a finite "
+                        f"{evaluations.selection.criterion.name}; nothing to select (see metrics.jsonl).")
+    return selection_lib.report_record(plan, final=final, num_train_steps=config.num_train_steps,
+                                       last_mean=last_mean, selection=selected, test_read_at=test_read_at)
 
 
 def split_pending_log(data_state: dict | None) -> tuple[dict | None, list[tuple[int, dict]]]:
@@ -162,16 +224,17 @@ def _gradient_coordinates(config, state: TrainState):
 class _TrainLoop:
     """The step loop with its periodic duties: logging, NaN checks, gradient statistics, checkpoints, eval."""
 
-    def __init__(self, config, workdir, mesh, writer, checkpointer, train_iter, pending_log=()):
+    def __init__(self, config, workdir, mesh, writer, checkpointer, train_iter, pending_log=(), logged=None):
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.writer, self.checkpointer, self.train_iter = writer, checkpointer, train_iter
         self.window: list[tuple[int, Any]] = list(pending_log)  # restored: the steps since the last log
-        self.final_results: dict | None = None
+        # Every evaluation so far, {kind: {step: results}}; checkpointed, so a resumed run reports the same.
+        self.logged: dict[str, dict[int, dict]] = {kind: dict(values) for kind, values in (logged or {}).items()}
 
     def _due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.config.num_train_steps
 
-    def run(self, state, start_step, step_fn, grad_fn, coordinates, evaluate_fn: Callable[[TrainState], dict]):
+    def run(self, state, start_step, step_fn, grad_fn, coordinates, evaluations: _Evaluations):
         config = self.config
         progress = reporting.Progress(total=config.num_train_steps, initial=start_step,
                                       batch_size=config.batch_size, enabled=config.progress_bar)
@@ -188,20 +251,31 @@ class _TrainLoop:
                 if self._due(done, config.log_every_steps) or extra:
                     self._log(done, progress, extra)
                     self.checkpointer.record_committed()
+                if self._due(done, config.eval_every_steps):
+                    self._evaluate(done, state, evaluations)
                 if self._due(done, config.checkpoint_every_steps):
                     self._save(done, state)
-                if self._due(done, config.eval_every_steps):
-                    results = evaluate_fn(state)
-                    self.writer.write(done, "eval", flatten_results(results))
-                    if done == config.num_train_steps:
-                        self.final_results = results
                 if preemption.reached(done) and done < config.num_train_steps:
                     self._stop_preempted(done, state)
         finally:
             progress.close()
-        if self.final_results is None:  # resumed after the last step: evaluate the restored state
-            self.final_results = evaluate_fn(state)
+        if config.num_train_steps not in self.logged.get(selection_lib.EVAL_KIND, {}):
+            self._evaluate(config.num_train_steps, state, evaluations)  # resumed from a checkpoint without it
         return state
+
+    def _evaluate(self, step: int, state: TrainState, evaluations: _Evaluations) -> None:
+        """The periodic evaluation of `step`: validation (and the selection) when configured, test when due."""
+        if evaluations.validation is not None:
+            results = evaluations.validation(state)
+            self._record(step, selection_lib.VALIDATION_KIND, results)
+            steps = self.checkpointer.all_steps()
+            evaluations.selection.after_validation(step, results, main_variables(state), steps[0] if steps else None)
+        if evaluations.plan.reads_test_at(step) or step == self.config.num_train_steps:
+            self._record(step, selection_lib.EVAL_KIND, evaluations.test(state))
+
+    def _record(self, step: int, kind: str, results: dict) -> None:
+        self.writer.write(step, kind, flatten_results(results))
+        self.logged.setdefault(kind, {})[step] = results
 
     def _save(self, step: int, state: TrainState) -> None:
         """A checkpoint of `step`: only a finite state, with the iterator state and the steps not yet logged."""
@@ -211,7 +285,10 @@ class _TrainLoop:
                           {divergence.PARAM_NORM: divergence.param_norm(state.params)})
         pending = [[window_step, {key: float(value) for key, value in values.items()}]
                    for window_step, values in self.window]
-        self.checkpointer.save(step, state, {**self.train_iter.get_state(), PENDING_LOG: pending})
+        evaluation_log = {kind: [[logged_step, flatten_results(results)] for logged_step, results in sorted(by_step.items())]
+                          for kind, by_step in self.logged.items()}
+        self.checkpointer.save(step, state, {**self.train_iter.get_state(), PENDING_LOG: pending,
+                                             EVALUATION_LOG: evaluation_log})
 
     def _stop_preempted(self, step: int, state: TrainState) -> None:
         """Saves a verified checkpoint of the agreed `step` (unless this step's periodic one was just saved) and

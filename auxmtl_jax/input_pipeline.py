@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported where used, so that the models and the train step 
     import tensorflow_datasets as tfds
 
 log = logging.getLogger("auxmtl_jax")
-KNOWN_DATASETS = ("synthetic_scenes", "nyu_v2", "sunrgbd")
+KNOWN_DATASETS = ("synthetic_scenes", "nyu_v2", "sunrgbd", "cityscapes")
 _STATE_VERSION = 1
 
 

@@ -12,6 +12,9 @@ network upsamples it to the input size. Everything here is per task except the A
   shallowest sown stage), then the two-layer head.
 * ``ocnet``: per task the base object-context head of Yuan & Wang 2018 (OCNet) on the last encoder feature
   (stride 8 by default, the paper's ResNet-50 setting of Table 3); see ``ObjectContextDecoder``.
+* ``deeplab``: per task LibMTL's DeepLab head (its examples/nyu/aspp.py ``DeepLabHead``, torchvision's layout) on
+  the last encoder feature (stride 8 by default): a full (not separable) ASPP with dropout, then 3x3 conv + BN +
+  ReLU and a 1x1 classifier; see ``DeepLabDecoder``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from auxmtl_jax.models.layers import ConvBN, PredictionHead, SeparableConvBN, co
 
 Dtype = Any
 
-DECODERS = ("baseline", "context", "ushape", "ocnet")
+DECODERS = ("baseline", "context", "ushape", "ocnet", "deeplab")
 # The paper runs Baseline/Context at stride 8 ("8x bilinear upsampling"); a U-shape decoder wants the full pyramid.
-DEFAULT_OUTPUT_STRIDE = {"baseline": 8, "context": 8, "ushape": 32, "ocnet": 8}
+# LibMTL's DeepLab heads read resnet_dilated(dilate_scale=8).
+DEFAULT_OUTPUT_STRIDE = {"baseline": 8, "context": 8, "ushape": 32, "ocnet": 8, "deeplab": 8}
 # Chosen so that MobileNetV2 (width 1.0) with segmentation (40 classes) + depth matches the paper's Table 1;
-# OCNet's reduction width is 512 (its official code).
-DEFAULT_HEAD_CHANNELS = {"baseline": 256, "context": 256, "ushape": 28, "ocnet": 512}
+# OCNet's reduction width is 512 (its official code); LibMTL's ASPP and head are 256 wide (examples/nyu/aspp.py).
+DEFAULT_HEAD_CHANNELS = {"baseline": 256, "context": 256, "ushape": 28, "ocnet": 512, "deeplab": 256}
+# LibMTL's ASPP projection ends in nn.Dropout(0.5) (examples/nyu/aspp.py).
+DEEPLAB_DROPOUT_RATE = 0.5
 _DEEPLAB_RATES_AT_STRIDE_16 = (6, 12, 18)
 
 
@@ -42,26 +48,66 @@ def aspp_rates(output_stride: int) -> tuple[int, ...]:
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: 1x1, three separable atrous 3x3 and image-pooling branches, then a 1x1 fuse.
+    """Atrous spatial pyramid pooling: 1x1, three atrous 3x3 and image-pooling branches, then a 1x1 projection.
 
-    The atrous branches are depthwise-separable (as in DeepLabv3+) and the fuse projects back to the input's
-    width, so Context = Baseline heads on an ASPP-refined feature; both keep it near the paper's parameter count.
+    Each branch is conv + BN + ReLU of width ``channels``; the image-pooling branch averages over the whole
+    feature, applies its 1x1 conv + BN + ReLU and is broadcast back (a bilinear upsampling of a 1x1 map).
+
+    Defaults are Context's ASPP: the atrous branches are depthwise-separable (as in DeepLabv3+) and the projection
+    goes back to the input's width, so Context = Baseline heads on an ASPP-refined feature; both keep it near the
+    paper's parameter count. ``separable=False``, ``project_channels=channels`` and ``dropout_rate=0.5`` give
+    torchvision's / LibMTL's ``ASPP``: full 3x3 atrous convs, projection to ``channels``, then Dropout(0.5).
+
+    Dropout runs only when ``train`` and the caller gave a ``'dropout'`` rng (the train step does); otherwise,
+    and always at evaluation, it is the identity.
     """
 
     channels: int
     rates: tuple[int, ...]
+    separable: bool = True
+    project_channels: int | None = None  # None: the input's width
+    dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         branches = [ConvBN(self.channels, 1, dtype=self.dtype, name="branch_1x1")(x, train)]
         for rate in self.rates:
-            branches.append(SeparableConvBN(self.channels, 3, dilation=rate, dtype=self.dtype,
-                                            name=f"branch_rate{rate}")(x, train))
+            atrous = SeparableConvBN if self.separable else ConvBN
+            branches.append(atrous(self.channels, 3, dilation=rate, dtype=self.dtype,
+                                   name=f"branch_rate{rate}")(x, train))
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
         pooled = ConvBN(self.channels, 1, dtype=self.dtype, name="branch_pool")(pooled, train)
         branches.append(jnp.broadcast_to(pooled, x.shape[:3] + (self.channels,)))
-        return ConvBN(x.shape[-1], 1, dtype=self.dtype, name="project")(jnp.concatenate(branches, -1), train)
+        width = x.shape[-1] if self.project_channels is None else self.project_channels
+        x = ConvBN(width, 1, dtype=self.dtype, name="project")(jnp.concatenate(branches, -1), train)
+        if self.dropout_rate:
+            x = nn.Dropout(self.dropout_rate)(x, deterministic=not (train and self.has_rng("dropout")))
+        return x
+
+
+class DeepLabDecoder(nn.Module):
+    """LibMTL's ``DeepLabHead`` (examples/nyu/aspp.py, torchvision's DeepLabV3 head) for one task.
+
+    ``ASPP`` with full 3x3 atrous convs at ``rates`` (12/24/36 at stride 8), 1x1 and image-pooling branches, all of
+    width ``channels`` (256), a 1x1 conv + BN + ReLU projection of the five branches to ``channels`` and
+    Dropout(``dropout_rate``); then a 3x3 conv + BN + ReLU (``channels``) and a 1x1 conv with bias to the task.
+    Parameters: ``aspp`` (``branch_1x1``, ``branch_rate{r}``, ``branch_pool``, ``project``), ``hidden``,
+    ``output``. Parameter count for a 2048-channel input at width 256: 16,125,440 + 257 x out_channels.
+    """
+
+    out_channels: int
+    channels: int
+    rates: tuple[int, ...] = (12, 24, 36)
+    dropout_rate: float = DEEPLAB_DROPOUT_RATE
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feature: jax.Array, train: bool) -> jax.Array:
+        x = ASPP(self.channels, self.rates, separable=False, project_channels=self.channels,
+                 dropout_rate=self.dropout_rate, dtype=self.dtype, name="aspp")(feature, train)
+        x = ConvBN(self.channels, 3, dtype=self.dtype, name="hidden")(x, train)
+        return conv2d(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="output")(x)
 
 
 class UShapeDecoder(nn.Module):

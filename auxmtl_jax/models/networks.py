@@ -24,6 +24,7 @@ reach the encoder but never the decoders.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -37,7 +38,7 @@ from auxmtl_jax.errors import UserError
 from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, RESOLUTIONS, AuxiliaryModule, DeepSupervisionHeads
 from auxmtl_jax.models.cells import AuxiliaryCells
 from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
-                                        ObjectContextDecoder, UShapeDecoder, aspp_rates)
+                                        DeepLabDecoder, ObjectContextDecoder, UShapeDecoder, aspp_rates)
 from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_features, encoder_module, encoder_stages
 from auxmtl_jax.models.layers import PredictionHead, to_task_output
 from auxmtl_jax.models.genotype import CellSpace, Genotype, GenotypeError, load_genotype
@@ -51,8 +52,8 @@ DECODER_SUFFIX = "_decoder"  # main's task-specific modules are `<task>_decoder`
 
 
 class MultiTaskNet(nn.Module):
-    """Shared encoder (+ ASPP for ``context``) and one decoder per task (``baseline``, ``context``, ``ushape`` or
-    ``ocnet``); outputs at input resolution.
+    """Shared encoder (+ ASPP for ``context``) and one decoder per task (``baseline``, ``context``, ``ushape``,
+    ``ocnet`` or ``deeplab``); outputs at input resolution.
 
     ``tasks`` is a tuple of ``(task, output_channels)``. Parameters: ``encoder``, ``aspp`` (context only) and
     ``{task}_decoder`` per task.
@@ -91,6 +92,8 @@ class MultiTaskNet(nn.Module):
                 return shared
             decoder_inputs = {task: shared for task, _ in self.tasks}
         decoder = {"ushape": UShapeDecoder, "ocnet": ObjectContextDecoder}.get(self.decoder, PredictionHead)
+        if self.decoder == "deeplab":  # LibMTL's DeepLab head per task, its ASPP rates scaled to the stride
+            decoder = functools.partial(DeepLabDecoder, rates=aspp_rates(self.output_stride))
         raw = {task: decoder(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
             decoder_inputs[task], train) for task, channels in self.tasks}
         return {task: to_task_output(task, raw[task], height, width) for task, _ in self.tasks}
@@ -192,15 +195,18 @@ class MultiTaskModel:
         return {"params": params, "batch_stats": batch_stats}
 
     def apply(self, variables: Mapping[str, Any], images: jax.Array, *, train: bool,
-              genotype: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
+              genotype: jax.Array | None = None,
+              dropout_rng: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
         """Forward main + aux + deep supervision; returns outputs and batch_stats shaped like the input's.
 
         ``genotype``: the int array [T, n, 5] a searchable aux build needs (and any other build refuses).
-        This is ``heads_forward(shared_forward(...))`` with every module reading the same representation.
+        ``dropout_rng``: the key of the decoders' dropout in training (only ``deeplab`` has dropout); without it
+        dropout is the identity. This is ``heads_forward(shared_forward(...))`` with every module reading the same
+        representation.
         """
         representation, shared_stats = self.shared_forward(variables, images, train=train)
         outputs, heads_stats = self.heads_forward(variables, self.reads(representation), images, train=train,
-                                                  genotype=genotype)
+                                                  genotype=genotype, dropout_rng=dropout_rng)
         return outputs, merge_batch_stats(shared_stats, heads_stats)
 
     def shared_forward(self, variables: Mapping[str, Any], images: jax.Array, *,
@@ -226,17 +232,19 @@ class MultiTaskModel:
         return reads
 
     def heads_forward(self, variables: Mapping[str, Any], reads: Mapping[str, Mapping[str, Any]],
-                      images: jax.Array, *, train: bool,
-                      genotype: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
+                      images: jax.Array, *, train: bool, genotype: jax.Array | None = None,
+                      dropout_rng: jax.Array | None = None) -> tuple[ModelOutputs, dict[str, Any]]:
         """The task-specific modules on ``reads`` (shaped like ``reads(...)``): outputs and their new batch_stats
-        (``main``'s decoders, ``aux``, ``deep_supervision``). ``images`` give the output size only."""
+        (``main``'s decoders, ``aux``, ``deep_supervision``). ``images`` give the output size only.
+        ``dropout_rng``: as in ``apply`` (each decoder draws its own mask from it)."""
         if (genotype is not None) != self.aux_searchable:
             raise ValueError("model.apply: pass genotype=<int array [T, n, 5]> exactly when the aux cells are "
                              f"searchable (aux.genotype is a CellSpace); searchable={self.aux_searchable}")
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
         main_outputs, main_state = self.main.apply(
             _module_variables(params["main"], batch_stats.get("main")), images, train=train, part="decoders",
-            decoder_inputs=reads["main"], mutable=["batch_stats"])
+            decoder_inputs=reads["main"], mutable=["batch_stats"],
+            rngs=None if dropout_rng is None else {"dropout": dropout_rng})
         new_batch_stats = {}
         if "main" in batch_stats:
             new_batch_stats["main"] = {name: value for name, value in main_state.get("batch_stats", {}).items()

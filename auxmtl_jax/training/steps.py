@@ -20,13 +20,15 @@ from auxmtl_jax.training.state import TrainState
 
 
 def loss_terms(model: MultiTaskModel, config, params, batch_stats, batch,
-               genotype: jax.Array | None = None) -> tuple[dict, dict]:
+               genotype: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> tuple[dict, dict]:
     """Named loss terms of one batch (`loss/<task>`, weighted `aux_loss/<task>`, `ds_loss/<task>`) and new BN stats.
 
-    `genotype` is the int array a searchable Auxi-NAS model takes (None otherwise).
+    `genotype` is the int array a searchable Auxi-NAS model takes (None otherwise); `dropout_rng` the key of the
+    decoders' dropout (None: no dropout).
     """
     outputs, new_batch_stats = model.apply({"params": params, "batch_stats": batch_stats},
-                                           model_input(batch["image"]), train=True, genotype=genotype)
+                                           model_input(batch["image"]), train=True, genotype=genotype,
+                                           dropout_rng=dropout_rng)
     return terms_of_outputs(config, outputs, batch), new_batch_stats
 
 
@@ -43,10 +45,11 @@ def terms_of_outputs(config, outputs: ModelOutputs, batch) -> dict:
 
 
 TERM_PREFIXES = {"main": "loss/", "aux": "aux_loss/", "deep_supervision": "ds_loss/"}
+_DROPOUT_STREAM = 1  # folded into the step's key for the dropout key, independent of the weighting's draws
 
 
-def split_loss_terms(model: MultiTaskModel, config, batch_stats, batch,
-                     genotype: jax.Array | None = None) -> weighting_lib.SplitLoss:
+def split_loss_terms(model: MultiTaskModel, config, batch_stats, batch, genotype: jax.Array | None = None,
+                     dropout_rng: jax.Array | None = None) -> weighting_lib.SplitLoss:
     """`loss_terms` as heads ∘ shared part, each loss term's module reading its own copy of the representation
     (what lets a gradient treatment run at about one backward pass, `weighting.split_backward`)."""
     groups = {"main": model.tasks, "aux": model.aux_tasks, "deep_supervision": model.deep_supervision_tasks}
@@ -62,7 +65,8 @@ def split_loss_terms(model: MultiTaskModel, config, batch_stats, batch,
             copy = copies[key]
             reads[group][task] = copy.decoder_input if group == "main" else copy.stages
         outputs, new_batch_stats = model.heads_forward({"params": params, "batch_stats": batch_stats}, reads,
-                                                       model_input(batch["image"]), train=True, genotype=genotype)
+                                                       model_input(batch["image"]), train=True, genotype=genotype,
+                                                       dropout_rng=dropout_rng)
         return terms_of_outputs(config, outputs, batch), new_batch_stats
 
     return weighting_lib.SplitLoss(shared=shared, heads=heads, term_keys=tuple(readers),
@@ -78,12 +82,13 @@ def train_step(state: TrainState, batch, genotype: jax.Array | None = None, *, m
     `weighting`: the run's (`run_weighting`); built from the config when None.
     """
     weighting = weighting or weighting_lib.from_config(config)
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)  # RLW's draw, PCGrad's order
+    dropout_rng = jax.random.fold_in(rng, _DROPOUT_STREAM)  # the decoders' dropout (deeplab), same in every pass
 
     def terms_fn(params):
-        return loss_terms(model, config, params, state.batch_stats, batch, genotype)
+        return loss_terms(model, config, params, state.batch_stats, batch, genotype, dropout_rng)
 
-    split = split_loss_terms(model, config, state.batch_stats, batch, genotype)
-    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)  # RLW's draw, PCGrad's order
+    split = split_loss_terms(model, config, state.batch_stats, batch, genotype, dropout_rng)
     weighted = weighting.value_and_grad(terms_fn, split)(state.params, state.weighting_state, rng)
     updates, opt_state = tx.update(weighted.grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

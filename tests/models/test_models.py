@@ -13,7 +13,7 @@ from auxmtl_jax import tasks as task_lib
 from auxmtl_jax.models import (ADAPTORS, AGGREGATES, DECODERS, ENCODERS, OPERATIONS, RESOLUTIONS, ModelOutputs,
                                build_model, encoder_stages)
 from auxmtl_jax.models.auxiliary import downsample_to
-from auxmtl_jax.models.decoders import ObjectContextDecoder, object_context_attention
+from auxmtl_jax.models.decoders import ASPP, DeepLabDecoder, ObjectContextDecoder, object_context_attention
 from auxmtl_jax.models.layers import DepthwiseConv, symmetric_padding
 
 TASKS = {"segmentation": 5, "depth": 1, "normal": 3}
@@ -131,6 +131,91 @@ def test_ocnet_decoder_starts_without_context_and_predicts_at_feature_resolution
     assert output.shape == (2, 6, 5, 5)
     model = build_model(model_config(encoder="resnet50", decoder="ocnet"), TASKS)
     assert model.main.output_stride == 8
+
+
+def libmtl_resnet_dilated_convs(dilate_scale=8):
+    """(stride, dilation) of each bottleneck's 3x3 conv and its downsample's stride, per (layer, block), by LibMTL's
+    rule (LibMTL/model/resnet_dilated.py `_nostride_dilate` on torchvision's ResNet-50): in each dilated layer a
+    stride-2 conv becomes stride 1, with dilation dilate//2 if it is 3x3; every other 3x3 conv gets dilation dilate."""
+    dilate = {8: {3: 2, 4: 4}, 16: {4: 2}}[dilate_scale]
+    convs = {}
+    for layer, blocks in enumerate((3, 4, 6, 3), start=1):
+        for block in range(blocks):
+            stride = 2 if layer > 1 and block == 0 else 1  # torchvision v1.5: the stride sits on the 3x3 conv
+            dilation, downsample_stride = 1, stride if block == 0 else None
+            if layer in dilate:
+                dilation = dilate[layer] // 2 if stride == 2 else dilate[layer]
+                stride, downsample_stride = 1, (1 if block == 0 else None)
+            convs[layer, block] = (stride, dilation, downsample_stride)
+    return convs
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_resnet50_dilates_like_libmtl_resnet_dilated(output_stride):
+    from auxmtl_jax.models.encoders import resnet50_blocks
+
+    ours = {(block.layer, block.index): (block.stride, block.dilation, block.stride if block.downsample else None)
+            for block in resnet50_blocks(1.0, output_stride)}
+    assert ours == libmtl_resnet_dilated_convs(output_stride)
+
+
+def test_deeplab_decoder_is_libmtl_deeplab_head_with_dropout_in_training_only():
+    """Full (not separable) atrous branches, projection of the five branches to the head width, 3x3 + 1x1; dropout
+    acts only in training with a 'dropout' rng, elementwise with 1/(1-p) scaling like torch's nn.Dropout."""
+    feature = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 5, 16)), jnp.float32)
+    decoder = DeepLabDecoder(out_channels=5, channels=8, rates=(1, 2, 3))
+    variables = decoder.init(jax.random.key(0), feature, train=False)
+    params = variables["params"]
+    assert set(params) == {"aspp", "hidden", "output"}
+    assert set(params["aspp"]) == {"branch_1x1", "branch_rate1", "branch_rate2", "branch_rate3", "branch_pool",
+                                   "project"}
+    assert params["aspp"]["branch_rate3"]["conv"]["kernel"].shape == (3, 3, 16, 8)
+    assert params["aspp"]["project"]["conv"]["kernel"].shape == (1, 1, 5 * 8, 8)
+    assert params["hidden"]["conv"]["kernel"].shape == (3, 3, 8, 8) and params["output"]["bias"].shape == (5,)
+
+    def run(train, rng=None):
+        rngs = None if rng is None else {"dropout": rng}
+        return decoder.apply(variables, feature, train=train, rngs=rngs, mutable=["batch_stats"])[0]
+
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(run(False, key), run(False))
+    np.testing.assert_array_equal(run(True, key), run(True, key))
+    assert not np.allclose(run(True, key), run(True))
+    assert not np.allclose(run(True, key), run(True, jax.random.key(2)))
+
+    aspp = ASPP(8, (1, 2), separable=False, project_channels=8, dropout_rate=0.5)
+    aspp_variables = aspp.init(jax.random.key(0), feature, train=False)
+    kept, _ = aspp.apply(aspp_variables, feature, train=True, mutable=["batch_stats"])
+    dropped, _ = aspp.apply(aspp_variables, feature, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    kept, dropped = np.asarray(kept), np.asarray(dropped)
+    zeroed = (dropped == 0) & (kept != 0)
+    np.testing.assert_allclose(dropped[~zeroed], 2.0 * kept[~zeroed], rtol=1e-6)
+    assert 0.4 < zeroed.sum() / (kept != 0).sum() < 0.6
+
+
+def test_deeplab_dropout_key_reaches_the_decoders_in_apply_and_heads_forward():
+    """`apply(dropout_rng=...)` and the split forward (`heads_forward`, what gradient treatments run) draw the same
+    masks; without a key the decoders run without dropout."""
+    tasks = {"segmentation": 5, "depth": 1}
+    model = build_model(model_config(decoder="deeplab"), tasks, aux_config(tasks=("depth",)))
+    assert model.main.output_stride == 8
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    variables = random_variables(model, images)
+    key = jax.random.key(3)
+
+    @jax.jit  # one compilation runs faster than the three forwards op by op
+    def forwards(variables, images):
+        plain, _ = model.apply(variables, images, train=True)
+        dropped, _ = model.apply(variables, images, train=True, dropout_rng=key)
+        representation, _ = model.shared_forward(variables, images, train=True)
+        split, _ = model.heads_forward(variables, model.reads(representation), images, train=True, dropout_rng=key)
+        return plain, dropped, split
+
+    plain, dropped, split = forwards(variables, images)
+    for task in tasks:
+        assert not np.allclose(plain.main[task], dropped.main[task])
+        np.testing.assert_allclose(split.main[task], dropped.main[task], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(plain.aux["depth"], dropped.aux["depth"])  # aux modules have no dropout
 
 
 @pytest.mark.slow

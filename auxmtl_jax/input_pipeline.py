@@ -190,8 +190,10 @@ def check_tasks(info: DatasetInfo, tasks: Sequence[str]) -> tuple[str, ...]:
 
 def check_splits(dataset_cfg) -> None:
     """The config's train and eval splits (slices such as 'train[:95%]' included) exist in the prepared dataset."""
-    for key in ("train_split", "eval_split"):
-        split = getattr(dataset_cfg, key)
+    for key in ("train_split", "eval_split", "validation_split"):
+        split = getattr(dataset_cfg, key, None)
+        if split is None and key == "validation_split":
+            continue
         source = _data_source(dataset_cfg, split, what=f"config.dataset.{key}")
         try:
             count = len(source)
@@ -354,13 +356,15 @@ class EvalDataset:
 
 
 def create_eval_dataset(dataset_cfg, input_cfg, *, tasks, global_batch_size,
-                        process_index: int | None = None, process_count: int | None = None) -> EvalDataset:
-    """Deterministic full-image evaluation batches (no augmentation) for this host, `len()` = number of batches."""
+                        process_index: int | None = None, process_count: int | None = None,
+                        split: str | None = None) -> EvalDataset:
+    """Deterministic full-image evaluation batches (no augmentation) of `split` (default: the config's eval split)
+    for this host, `len()` = number of batches."""
     sizing = input_sizing.resolve(input_cfg, in_process=True)
     info = dataset_info(dataset_cfg)
     tasks = check_tasks(info, tasks)
     process_index, process_count, _ = _host_layout(global_batch_size, process_index, process_count)
-    source = _data_source(dataset_cfg, dataset_cfg.eval_split)
+    source = _data_source(dataset_cfg, split or dataset_cfg.eval_split)
     size = tuple(input_cfg.eval_size) if input_cfg.eval_size else info.image_size
     if len(size) != 2 or min(size) <= 0:
         raise UserError(f"input.eval_size must be (height, width) with positive entries, got {size!r}.")

@@ -85,11 +85,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.init_from.base_lr_scale = 1.0  # factor on the base lr of a run started from another run
 
     config.optimizer = ml_collections.ConfigDict()
+    # sgd: SGD with momentum (the paper); adam: torch.optim.Adam (betas 0.9/0.999, eps 1e-8; LibMTL's). Both add
+    # weight_decay·w to the gradient (coupled L2, as torch does); momentum is SGD's only.
+    config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 0.01
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 1e-4
-    config.optimizer.schedule = "poly"  # poly: lr·(1 − t/T)^poly_power; constant: lr throughout
+    # poly: lr·(1 − t/T)^poly_power; constant: lr throughout; step: lr·step_factor^⌊t/step_every_steps⌋ (StepLR)
+    config.optimizer.schedule = "poly"
     config.optimizer.poly_power = 0.9
+    config.optimizer.step_every_steps = 10_000
+    config.optimizer.step_factor = 0.1
     config.optimizer.warmup_steps = 0
 
     config.batch_size = 12

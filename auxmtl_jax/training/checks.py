@@ -77,6 +77,7 @@ def validate_config(config) -> None:
     schedule = config.optimizer.get("schedule", "poly")
     if schedule not in state_lib.LR_SCHEDULES:
         raise UserError(f"config.optimizer.schedule={schedule!r}; expected one of {', '.join(state_lib.LR_SCHEDULES)}.")
+    check_optimizer(config.optimizer)
     if config.init_from.scope not in checkpoint_lib.INIT_SCOPES:
         raise UserError(f"config.init_from.scope={config.init_from.scope!r}; expected one of "
                          f"{', '.join(checkpoint_lib.INIT_SCOPES)}.")
@@ -91,6 +92,19 @@ def validate_config(config) -> None:
                                     workdir_lib.flatten_config(json.loads(workdir_lib.config_to_json(config))))
     if not config.tasks:
         raise UserError("config.tasks is empty; expected at least one of " + ", ".join(tasks_lib.TASK_NAMES))
+
+
+def check_optimizer(optimizer) -> None:
+    """`optimizer.name` is known, `step_every_steps` a positive integer and `step_factor` in (0, 1] (checked
+    whatever the schedule, so a typo shows before a run that switches to it)."""
+    name = optimizer.get("name", "sgd")
+    if name not in state_lib.OPTIMIZERS:
+        raise UserError(f"config.optimizer.name={name!r}; expected one of {', '.join(state_lib.OPTIMIZERS)}.")
+    every, factor = optimizer.get("step_every_steps", 1), optimizer.get("step_factor", 1.0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(f"config.optimizer.step_every_steps={every!r}; expected a positive integer.")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise UserError(f"config.optimizer.step_factor={factor!r}; expected a number in (0, 1].")
 
 
 def check_input_files(config) -> None:

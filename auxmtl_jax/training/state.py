@@ -35,7 +35,8 @@ class TrainState(flax.struct.PyTreeNode):
     weighting_state: Any = flax.struct.field(default_factory=dict)
 
 
-LR_SCHEDULES = ("poly", "constant")
+LR_SCHEDULES = ("poly", "constant", "step")
+OPTIMIZERS = ("sgd", "adam")
 
 
 SCRATCH = "scratch"  # model.encoder_init value: train the encoder from random init
@@ -43,14 +44,20 @@ SCRATCH = "scratch"  # model.encoder_init value: train the encoder from random i
 
 def create_learning_rate_fn(optimizer_cfg, num_train_steps: int, scale: float = 1.0) -> optax.Schedule:
     """Linear warm-up (optional), then the paper's poly decay lr·(1 − t/T)^power down to 0 at `num_train_steps`
-    (`optimizer.schedule='poly'`) or a constant lr (`'constant'`: the paper's NYUv2 fine-tune at 1e-5).
+    (`optimizer.schedule='poly'`), a constant lr (`'constant'`: the paper's NYUv2 fine-tune at 1e-5) or a step
+    decay lr·factor^⌊t/every⌋ (`'step'`, with `optimizer.step_every_steps` and `optimizer.step_factor`: torch's
+    StepLR, LibMTL's default `--scheduler step`; t counts from the first step, warm-up included).
 
     `scale` multiplies the base lr (the Prior strategy divides it by 10, paper Sec. 4.2 footnote 1).
     """
     base = optimizer_cfg.learning_rate * scale
     warmup = int(optimizer_cfg.warmup_steps)
-    if optimizer_cfg.get("schedule", "poly") == "constant":
+    schedule = optimizer_cfg.get("schedule", "poly")
+    if schedule == "constant":
         after_warmup = optax.constant_schedule(base)
+    elif schedule == "step":
+        after_warmup = _step_schedule(base, int(optimizer_cfg.step_every_steps), float(optimizer_cfg.step_factor),
+                                      offset=warmup)
     else:
         after_warmup = optax.polynomial_schedule(init_value=base, end_value=0.0, power=optimizer_cfg.poly_power,
                                                  transition_steps=max(num_train_steps - warmup, 1))
@@ -58,6 +65,14 @@ def create_learning_rate_fn(optimizer_cfg, num_train_steps: int, scale: float = 
         return after_warmup
     ramp = optax.linear_schedule(0.0, base, warmup)
     return optax.join_schedules([ramp, after_warmup], boundaries=[warmup])
+
+
+def _step_schedule(base: float, every: int, factor: float, offset: int = 0) -> optax.Schedule:
+    """lr·factor^⌊(count + offset)/every⌋ (`offset`: the warm-up steps `join_schedules` subtracts)."""
+    def schedule(count):
+        return base * factor ** ((count + offset) // every)
+
+    return schedule
 
 
 def run_learning_rate_fn(config, num_train_steps: int) -> optax.Schedule:
@@ -69,14 +84,19 @@ def run_learning_rate_fn(config, num_train_steps: int) -> optax.Schedule:
 
 def create_optimizer(config, learning_rate_fn: optax.Schedule, params,
                      loaded: Any = None) -> optax.GradientTransformation:
-    """SGD with momentum and weight decay on every network weight (not on loss-weighting parameters).
+    """`optimizer.name`: 'sgd' (default: SGD with momentum) or 'adam' (torch.optim.Adam: betas (0.9, 0.999), eps
+    1e-8, LibMTL's optimiser), each with coupled weight decay (L2 added to the gradient, as torch's SGD and Adam
+    do) on every network weight (not on loss-weighting parameters).
 
     The modules loaded by `init_from` (``loaded``: their params tree) have their updates scaled by
     `init_from.lr_scale`.
     """
     decayed = _top_level_mask(params, exclude=("loss_weighting",))
-    chain = [optax.add_decayed_weights(config.optimizer.weight_decay, mask=decayed),
-             optax.sgd(learning_rate_fn, momentum=config.optimizer.momentum)]
+    if config.optimizer.get("name", "sgd") == "adam":
+        update = optax.adam(learning_rate_fn, b1=0.9, b2=0.999, eps=1e-8)
+    else:
+        update = optax.sgd(learning_rate_fn, momentum=config.optimizer.momentum)
+    chain = [optax.add_decayed_weights(config.optimizer.weight_decay, mask=decayed), update]
     if loaded and config.init_from.lr_scale != 1.0:
         chain.append(optax.masked(optax.scale(config.init_from.lr_scale), _loaded_mask(params, loaded)))
     return optax.chain(*chain)

@@ -13,7 +13,10 @@ from auxmtl_jax import training
 from auxmtl_jax import workdir as workdir_lib
 
 EXAMPLE_GENOTYPE = Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "example_three_task.json"
-CONFIG_MODULES = ("synthetic_three_task", "sunrgbd_three_task", "nyuv2_two_task", "nyuv2_three_task")
+CONFIG_MODULES = ("synthetic_three_task", "sunrgbd_three_task", "nyuv2_two_task", "nyuv2_three_task",
+                  "cityscapes_two_task", "libmtl_nyuv2", "libmtl_cityscapes")
+LIBMTL_CONFIGS = ("libmtl_nyuv2", "libmtl_cityscapes")
+PAPER_RECIPE_CONFIGS = tuple(module for module in CONFIG_MODULES[1:] if module not in LIBMTL_CONFIGS)
 
 
 def record_classes(config):
@@ -31,13 +34,16 @@ def strategies_of(config):
     return ["joint", f"single:{last}", "kendall", "deep_supervision", f"auxi:{first}", "auxi_all", "prior"]
 
 
-@pytest.mark.parametrize("module", CONFIG_MODULES[1:])
+@pytest.mark.parametrize("module", PAPER_RECIPE_CONFIGS)
 def test_paper_configs_use_the_paper_recipe(module):
     config = get_config(module)
     optimizer = config.optimizer
+    assert (optimizer.name, optimizer.schedule) == ("sgd", "poly")
     assert (optimizer.learning_rate, optimizer.momentum, optimizer.weight_decay, optimizer.poly_power) == (
         0.01, 0.9, 1e-4, 0.9)
-    assert config.batch_size == 12 and tuple(config.input.scale_range) == (0.5, 2.1)
+    # Cityscapes' depth is disparity-like, which the random rescale (depth / s) would get wrong
+    scale_range = (1.0, 1.0) if module == "cityscapes_two_task" else (0.5, 2.1)
+    assert config.batch_size == 12 and tuple(config.input.scale_range) == scale_range
     assert config.model.encoder == "mobilenet_v2" and config.aux.tasks == tuple(config.tasks)
 
 
@@ -50,6 +56,116 @@ def test_paper_configs_stop_without_an_imagenet_encoder_unless_told_scratch(modu
     training.validate_config(config)
     assert get_config(module, "runlocal").model.encoder_init == "scratch"  # smoke tests say so explicitly
     training.validate_config(get_config("synthetic_three_task"))  # the demo trains from scratch by design
+
+
+def conv(cin, cout, kernel, bias=False):
+    return cin * cout * kernel * kernel + (cout if bias else 0)
+
+
+def bn(channels):
+    return 2 * channels  # torch's BN weight and bias (flax's scale and bias); running statistics are no params
+
+
+def torchvision_resnet50_parameters():
+    """torchvision's ResNet-50 without fc, layer by layer (v1.5 bottlenecks; dilation changes no shape)."""
+    count, inplanes = conv(3, 64, 7) + bn(64), 64
+    for blocks, width in ((3, 64), (4, 128), (6, 256), (3, 512)):
+        for block in range(blocks):
+            count += conv(inplanes, width, 1) + bn(width) + conv(width, width, 3) + bn(width)
+            count += conv(width, 4 * width, 1) + bn(4 * width)
+            if block == 0:
+                count += conv(inplanes, 4 * width, 1) + bn(4 * width)  # downsample
+            inplanes = 4 * width
+    return count
+
+
+def deeplab_head_parameters(in_channels, num_classes, width=256):
+    """torchvision's / LibMTL's DeepLabHead(in_channels, num_classes): ASPP (1x1, three atrous 3x3, pooling 1x1,
+    each conv + BN; 1x1 projection of the five + BN), 3x3 conv + BN, 1x1 classifier with bias."""
+    aspp = (conv(in_channels, width, 1) + bn(width) + 3 * (conv(in_channels, width, 3) + bn(width))
+            + conv(in_channels, width, 1) + bn(width) + conv(5 * width, width, 1) + bn(width))
+    return aspp + conv(width, width, 3) + bn(width) + conv(width, num_classes, 1, bias=True)
+
+
+LIBMTL_SETTINGS = {  # (train images, batch, classes): LibMTL examples/{nyu,cityscapes}/main.py and READMEs
+    "libmtl_nyuv2": (795, 8, 13),
+    "libmtl_cityscapes": (2975, 64, 7),
+}
+
+
+@pytest.mark.parametrize("module", LIBMTL_CONFIGS)
+def test_libmtl_configs_follow_libmtl(module):
+    train_images, batch, _ = LIBMTL_SETTINGS[module]
+    epoch = train_images // batch  # DataLoader(drop_last=True)
+    config = get_config(module, "strategy=joint")
+    optimizer = config.optimizer
+    assert (optimizer.name, optimizer.learning_rate, optimizer.weight_decay) == ("adam", 1e-4, 1e-5)
+    assert (optimizer.schedule, optimizer.step_every_steps, optimizer.step_factor) == ("step", 100 * epoch, 0.5)
+    assert (config.batch_size, config.num_train_steps, config.eval_every_steps) == (batch, 200 * epoch, epoch)
+    assert (config.model.encoder, config.model.decoder, config.model.output_stride) == ("resnet50", "deeplab", 8)
+    assert config.dataset.config == "mtan" and config.model.pretrained_required
+    assert tuple(config.input.scale_range) == (1.0, 1.0) and not config.input.flip  # no augmentation
+    assert tuple(config.input.crop_size) == {"libmtl_nyuv2": (288, 384), "libmtl_cityscapes": (128, 256)}[module]
+    assert (tuple(config.input.mean), tuple(config.input.std)) == ((0.0,) * 3, (255.0,) * 3)  # images in [0, 1]
+    assert config.loss_weighting == "equal" and config.aux.tasks == () and config.deep_supervision.tasks == ()
+    config.model.encoder_init = "scratch"
+    training.validate_config(config)
+    schedule = training.run_learning_rate_fn(config, config.num_train_steps)
+    boundary = 100 * epoch
+    assert [float(schedule(step)) for step in (0, boundary - 1, boundary, config.num_train_steps - 1)] == \
+        pytest.approx([1e-4, 1e-4, 5e-5, 5e-5], rel=1e-6)
+
+
+@pytest.mark.parametrize("module", LIBMTL_CONFIGS)
+def test_libmtl_models_have_the_parameters_of_a_dilated_resnet50_and_deeplab_heads(module):
+    """Counted under jax.eval_shape (no initialiser runs) against the architecture's own arithmetic."""
+    import jax
+    import jax.numpy as jnp
+
+    from test_models import count_parameters
+
+    num_classes = LIBMTL_SETTINGS[module][2]
+    config = get_config(module, "strategy=joint")
+    model = training.create_model(config, num_classes=num_classes)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    channels = {"segmentation": num_classes, "depth": 1, "normal": 3}
+    heads = {f"{task}_decoder": deeplab_head_parameters(2048, channels[task]) for task in config.tasks}
+    encoder = torchvision_resnet50_parameters()
+    assert encoder == 23_508_032
+    main = shapes["params"]["main"]
+    assert {name: count_parameters(tree) for name, tree in main.items()} == {"encoder": encoder, **heads}
+    total = {"libmtl_nyuv2": 71_888_721, "libmtl_cityscapes": 55_760_968}[module]  # the docstrings' numbers
+    assert count_parameters(main) == encoder + sum(heads.values()) == total
+    assert model.main.output_stride == 8 and main["segmentation_decoder"]["aspp"].keys() >= {
+        "branch_rate12", "branch_rate24", "branch_rate36"}
+
+
+@pytest.mark.parametrize("module", ["cityscapes_two_task", *LIBMTL_CONFIGS])
+def test_new_configs_compose_with_every_strategy_and_shrink_with_runlocal(module):
+    """Every strategy, a gradient treatment and the other aux-module choices validate and build (under eval_shape)
+    at the runlocal size."""
+    import jax
+    import jax.numpy as jnp
+
+    from test_models import count_parameters
+
+    config = get_config(module)
+    runlocal = get_config(module, "runlocal")
+    assert (runlocal.num_train_steps, runlocal.batch_size, runlocal.model.width_multiplier) == (2, 4, 0.25)
+    assert runlocal.model.encoder_init == "scratch" and tuple(runlocal.input.crop_size) == (32, 40)
+    assert runlocal.optimizer.name == config.optimizer.name
+    strategies = [strategy for strategy in strategies_of(config) if strategy != "prior"] + ["prior:/runs/x"]
+    images = jax.ShapeDtypeStruct((1, 32, 40, 3), jnp.float32)
+    others = ["strategy=auxi_all,weighting=pcgrad",
+              "strategy=auxi_all,adaptor=conv3x3,aggregate=sum,aux_resolution=finest"]
+    for variant in [f"strategy={strategy}" for strategy in strategies] + others:
+        small = get_config(module, f"runlocal,{variant}")
+        training.validate_config(small)
+        model = training.create_model(small, num_classes=7)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+        assert count_parameters(shapes["params"]["main"]) < 3_000_000, variant
+        if small.aux.tasks:
+            assert set(shapes["params"]["aux"]) == set(small.aux.tasks), variant
 
 
 def test_the_synthetic_encoder_start_fits_the_cpu_experiments_and_sees_other_scenes():

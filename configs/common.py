@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset.prepare = False
     config.dataset.train_split = "train"
     config.dataset.eval_split = "test"
+    # Model selection without the test set (docs/comparing.md): a split disjoint from train_split and eval_split,
+    # e.g. train_split='train[:90%]' with validation_split='train[90%:]'. The periodic evaluations then run on it,
+    # and the test split is read only at the selected step, the last `evaluation.average_last` evaluations and the end.
+    config.dataset.validation_split = ml_collections.config_dict.placeholder(str)
 
     config.input = ml_collections.ConfigDict()
     config.input.crop_size = (385, 385)
@@ -97,6 +101,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.step_every_steps = 10_000
     config.optimizer.step_factor = 0.1
     config.optimizer.warmup_steps = 0
+
+    # What results.json reports (docs/comparing.md "Reporting conventions"):
+    # reduction: 'per_pixel' pools depth/normal metrics over every valid pixel of the split (ours, LibMTL);
+    #   'per_batch' averages per-batch values over the evaluation batches of eval_batch_size (mtan, Nash-MTL, FAMO).
+    # average_last: K > 1 also reports the mean of the test metrics of the last K evaluations (mtan-family papers: 10).
+    # select_by: the validation criterion, 'delta_m' (Δm% against reference_results, or against the first validation
+    #   evaluation when there are none) or one 'task/metric' such as 'segmentation/miou'.
+    # report: which of these results.json's "metrics" holds: 'final', 'last_mean' or 'selected'; None picks
+    #   'selected' when dataset.validation_split is set, else 'last_mean' when average_last > 1, else 'final'.
+    config.evaluation = ml_collections.ConfigDict()
+    config.evaluation.reduction = "per_pixel"
+    config.evaluation.average_last = 1
+    config.evaluation.select_by = "delta_m"
+    config.evaluation.report = ml_collections.config_dict.placeholder(str)
 
     config.batch_size = 12
     config.eval_batch_size = 12

@@ -18,6 +18,7 @@ from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import errors
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import input_sizing
+from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
 from auxmtl_jax import pretrained
 from auxmtl_jax import tasks as tasks_lib
@@ -26,6 +27,7 @@ from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models import MultiTaskModel
 from auxmtl_jax.models.genotype import load_genotype
+from auxmtl_jax.training import selection as selection_lib
 from auxmtl_jax.training import state as state_lib
 
 
@@ -86,6 +88,7 @@ def validate_config(config) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UserError(f"config.init_from.{key}={value!r}; expected a number > 0.")
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    selection_lib.evaluation_plan(config)
     input_sizing.resolve(config.input)  # config.input.num_workers / num_threads: None or a count
     weighting_lib.from_config(config, steps_per_epoch=1)
     workdir_lib.parse_accepted_keys(config.get("accept_changed_keys"),
@@ -113,7 +116,16 @@ def check_input_files(config) -> None:
     before the dataset is prepared; the weights are checked against the model's shapes by
     `check_initialisations`."""
     check_dataset_dirs(config)
-    reference_results(config)
+    references = reference_results(config)
+    if (references is not None and config.dataset.get("validation_split")
+            and selection_lib.evaluation_plan(config).select_by == selection_lib.DELTA_M_CRITERION):
+        needed = metrics_lib.delta_m_metrics(metrics_lib.DELTA_M_DEFAULT, config.tasks)
+        missing = [f"{task}/{metric}" for task, names in needed.items() for metric in names
+                   if metric not in references.get(task, {})]
+        if missing:
+            raise UserError(f"config.evaluation.select_by='delta_m' selects on Δm% against config.reference_results, "
+                            f"which lacks {', '.join(missing)}; expected every metric of the "
+                            f"{metrics_lib.DELTA_M_DEFAULT!r} convention for config.tasks.")
     encoder_init = config.model.get("encoder_init")
     if state_lib.encoder_start(config) == "run":
         checkpoint_lib.init_source(encoder_init, "encoder", what="config.model.encoder_init")
@@ -167,6 +179,7 @@ def prepare_run(config) -> tuple[input_pipeline.DatasetInfo, MultiTaskModel, Mes
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
     input_pipeline.check_splits(config.dataset)
+    selection_lib.check_disjoint_splits(config.dataset, dataset.splits)
     missing = [task for task in config.tasks if task not in dataset.tasks]
     if missing:
         raise UserError(f"config.tasks asks for {missing} but dataset {dataset.name!r} has only {list(dataset.tasks)}.")

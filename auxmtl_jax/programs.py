@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from auxmtl_jax import comparison
 from auxmtl_jax import errors
-from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
 from auxmtl_jax import variants
 from auxmtl_jax import workdir as workdir_lib
@@ -61,7 +61,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         _after_run(child, workdir / name, trained)
         records[name] = trained.record
     references = checks.reference_results(config)
-    table = metrics_lib.format_table({name: record["metrics"] for name, record in records.items()}, references)
+    table = comparison.format_table({name: record["metrics"] for name, record in records.items()}, references)
     if jax.process_index() == 0:
         workdir_lib.write_text_atomic(workdir / workdir_lib.COMPARISON_TABLE, table + "\n")
         print(f"\n{table}\n(written to {workdir / workdir_lib.COMPARISON_TABLE})", flush=True)

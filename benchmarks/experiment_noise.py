@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from auxmtl_jax import comparison
 from auxmtl_jax import inference
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax.experiments import runner
@@ -79,10 +80,10 @@ def main() -> None:
                       for run in (run_a, run_b)}
         results = {run: [evaluate(predictor, test_set) for test_set in test_sets]
                    for run, predictor in predictors.items()}
-        per_seed[seed] = [metrics_lib.delta_m(b, a) for a, b in zip(results[run_a], results[run_b])]
+        per_seed[seed] = [comparison.delta_m(b, a) for a, b in zip(results[run_a], results[run_b])]
         stored = [json.loads((runner.run_workdir(runs, run, seed) / "results.json").read_text())["metrics"]
                   for run in (run_a, run_b)]
-        print(f"seed {seed}: stored test split {metrics_lib.delta_m(stored[1], stored[0]):+6.2f}; fresh sets "
+        print(f"seed {seed}: stored test split {comparison.delta_m(stored[1], stored[0]):+6.2f}; fresh sets "
               f"mean {np.mean(per_seed[seed]):+6.2f}, sd {np.std(per_seed[seed], ddof=1):.2f} "
               f"[{', '.join(f'{value:+.1f}' for value in per_seed[seed])}]")
     test_sd = math.sqrt(np.mean([np.var(values, ddof=1) for values in per_seed.values()]))

@@ -22,6 +22,7 @@ import pytest
 from etils import epath
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import comparison
 from auxmtl_jax import disk
 from auxmtl_jax import errors
 from auxmtl_jax import reporting
@@ -199,7 +200,7 @@ def test_results_of_a_finished_run_survive_a_full_disk(medium):
     evaluate.write_results(epath.Path(medium.root), "joint", 6, results, None)
     before = snapshot(medium.root)
     record = {"name": "joint", "step": 8, "metrics": {"depth": {"abs_err": 0.25}}, "delta_m": None,
-              "delta_m_convention": evaluate.metrics_lib.DELTA_M_DEFAULT}
+              "delta_m_convention": comparison.DELTA_M_DEFAULT}
     with medium.full():
         with pytest.raises(disk.DiskFullError,
                            match=needs(medium.root / "results.json", "writing results.json",

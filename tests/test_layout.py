@@ -16,7 +16,7 @@ LAYERS = (
     ("inference", "pretrained"),
     ("analysis",),
     ("models", "weighting", "input_pipeline", "input_sizing", "checkpoint", "workdir"),
-    ("metrics", "variants", "augment"),
+    ("metrics", "comparison", "variants", "augment"),
     ("tasks", "geometry", "parallel", "reporting", "disk", "coordination", "errors"),
 )
 MAX_LINES = 500

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 from etils import epath
 
-from auxmtl_jax import metrics as metrics_lib
+from auxmtl_jax import comparison
 from auxmtl_jax.training.state import encoder_start
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import report, runner
@@ -54,11 +54,11 @@ def _named(experiment: str | Experiment) -> Experiment:
 
 def run_and_report(experiment: str | Experiment, workdir: str, *, seeds: int | Sequence[int] | None = None,
                    size: str = "cpu", dataset: str = "synthetic_scenes", overrides: Sequence[str] = (),
-                   runs_dir: str | None = None, delta_m: str = metrics_lib.DELTA_M_DEFAULT) -> list[epath.Path]:
+                   runs_dir: str | None = None, delta_m: str = comparison.DELTA_M_DEFAULT) -> list[epath.Path]:
     """Runs `experiment` (a name of EXPERIMENTS or an Experiment) for `seeds` (a count: seeds 0..N-1, default by
     size) and writes its report; returns the report's files."""
     experiment = _named(experiment)
-    metrics_lib.delta_m_metrics(delta_m, experiment.tasks)  # a bad convention stops before any training
+    comparison.delta_m_metrics(delta_m, experiment.tasks)  # a bad convention stops before any training
     seeds = runner.DEFAULT_SEEDS.get(size, 3) if seeds is None else seeds
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     results = runner.run_experiment(experiment, workdir, seeds=seeds, size=size, dataset=dataset,
@@ -71,7 +71,7 @@ def run_and_report(experiment: str | Experiment, workdir: str, *, seeds: int | S
                                wall_seconds=runner.wall_seconds(runs, experiment, seeds))
 
 
-def rewrite_report(workdir: str, *, delta_m: str = metrics_lib.DELTA_M_DEFAULT) -> list[epath.Path]:
+def rewrite_report(workdir: str, *, delta_m: str = comparison.DELTA_M_DEFAULT) -> list[epath.Path]:
     """Renders an experiment dir's report again, in the Δm% convention `delta_m`, and trains nothing.
 
     The results come from the finished runs (the seeds whose every run has finished), or, where the runs are
@@ -81,7 +81,7 @@ def rewrite_report(workdir: str, *, delta_m: str = metrics_lib.DELTA_M_DEFAULT) 
     record = runner.read_experiment_record(root)
     experiment = (variants_experiment(record["variants"]) if record.get("variants")
                   else _named(record["experiment"]))
-    metrics_lib.delta_m_metrics(delta_m, experiment.tasks)
+    comparison.delta_m_metrics(delta_m, experiment.tasks)
     summary_path = root / report.SUMMARY_FILE
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else None
     runs = runner.runs_root(root, record.get("runs_dir"))

@@ -18,15 +18,15 @@ from typing import Sequence
 
 from etils import epath
 
+from auxmtl_jax import comparison
 from auxmtl_jax import errors
-from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import EXPERIMENTS, report, rewrite_report, run_and_report, runner
 from auxmtl_jax.experiments.definitions import variants_experiment
 from auxmtl_jax.training import preemption
 
-DELTA_M_HELP = (f"Δm%% convention of the report: {', '.join(metrics_lib.DELTA_M_CONVENTIONS)} (default "
-                f"{metrics_lib.DELTA_M_DEFAULT}: LibMTL's mean within each task, then over tasks)")
+DELTA_M_HELP = (f"Δm%% convention of the report: {', '.join(comparison.DELTA_M_CONVENTIONS)} (default "
+                f"{comparison.DELTA_M_DEFAULT}: LibMTL's mean within each task, then over tasks)")
 
 
 def parse_variants(specs: Sequence[str]) -> dict[str, str]:
@@ -44,7 +44,7 @@ def _report_parser() -> argparse.ArgumentParser:
     parser = errors.ArgumentParser(prog="python -m auxmtl_jax.experiments report",
                                    description="Renders an experiment dir's report again; trains nothing.")
     parser.add_argument("dir", help="an experiment dir (its experiment.json, runs and/or summary.json)")
-    parser.add_argument("--delta_m", choices=metrics_lib.DELTA_M_CONVENTIONS, default=metrics_lib.DELTA_M_DEFAULT,
+    parser.add_argument("--delta_m", choices=comparison.DELTA_M_CONVENTIONS, default=comparison.DELTA_M_DEFAULT,
                         help=DELTA_M_HELP)
     return parser
 
@@ -92,7 +92,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs_dir", default=None,
                         help="where the run workdirs live (default DIR/runs); experiments given the same one share "
                              "the runs they have in common")
-    parser.add_argument("--delta_m", choices=metrics_lib.DELTA_M_CONVENTIONS, default=metrics_lib.DELTA_M_DEFAULT,
+    parser.add_argument("--delta_m", choices=comparison.DELTA_M_CONVENTIONS, default=comparison.DELTA_M_DEFAULT,
                         help=DELTA_M_HELP)
     return parser
 

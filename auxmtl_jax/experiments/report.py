@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
 
+from auxmtl_jax import comparison
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import figures
@@ -39,18 +40,18 @@ def metric_columns(experiment: Experiment, results: Results) -> list[tuple[str, 
 
 
 def delta_m_per_seed(experiment: Experiment, results: Results, run: str,
-                     convention: str = metrics_lib.DELTA_M_DEFAULT) -> dict[int, float]:
+                     convention: str = comparison.DELTA_M_DEFAULT) -> dict[int, float]:
     """{seed: Δm% of `run` against the single-task runs of the same seed}."""
     values = {}
     for seed, metrics in results[run].items():
         references = {task: results[single][seed][task] for task, single in experiment.references(run).items()
                       if seed in results[single]}
-        values[seed] = metrics_lib.delta_m(metrics, references, convention)
+        values[seed] = comparison.delta_m(metrics, references, convention)
     return values
 
 
 def per_seed(experiment: Experiment, results: Results, run: str, key: str,
-             convention: str = metrics_lib.DELTA_M_DEFAULT) -> dict[int, float]:
+             convention: str = comparison.DELTA_M_DEFAULT) -> dict[int, float]:
     """{seed: value} of 'delta_m' or 'task/metric' for one run."""
     if key == DELTA_M:
         return delta_m_per_seed(experiment, results, run, convention)
@@ -85,7 +86,7 @@ class ClaimResult:
 
 def test_claims(experiment: Experiment, results: Results) -> list[ClaimResult]:
     """Every claim's paired test on its endpoint; p Holm-adjusted within its family; verdict by the adjusted p."""
-    tests = [_paired(experiment, results, claim.first, claim.second, claim.endpoint, metrics_lib.DELTA_M_DEFAULT)
+    tests = [_paired(experiment, results, claim.first, claim.second, claim.endpoint, comparison.DELTA_M_DEFAULT)
              for claim in experiment.claims]
     adjusted = [math.nan] * len(tests)
     for family in {claim.family for claim in experiment.claims}:
@@ -175,7 +176,7 @@ def summary(experiment: Experiment, results: Results, claims: Sequence[ClaimResu
     return {
         "delta_m": {"convention": convention, "unavailable": missing,
                     "metrics": {task: list(names) for task, names in
-                                metrics_lib.delta_m_metrics(convention, experiment.tasks).items()},
+                                comparison.delta_m_metrics(convention, experiment.tasks).items()},
                     "references": {run.name: dict(experiment.references(run.name)) for run in experiment.runs}},
         "results": {run: {str(seed): values for seed, values in by_seed.items()} for run, by_seed in results.items()},
         "runs": runs,
@@ -245,7 +246,7 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
              f"{setting}. Seeds {', '.join(map(str, seeds))}: each seed sets the initialisation and the training "
              f"data order, and the runs of one seed share both. Training wall time {wall_seconds / 60:.1f} min "
              "(runs shared with another experiment count in both).", "",
-             f"- {metrics_lib.describe_delta_m(convention, experiment.tasks)}. Reference: the single-task runs of "
+             f"- {comparison.describe_delta_m(convention, experiment.tasks)}. Reference: the single-task runs of "
              f"the same seed ({references})." + (f" Not computable here ({missing}): the Δm% column shows –."
                                                  if missing else ""),
              f"- Every cell and difference is the mean {INTERVAL_NOTE}.",
@@ -334,12 +335,12 @@ def _fig5_records(experiment: Experiment, runs_dir: epath.Path | None, seeds: Se
 
 
 def write_report(experiment: Experiment, root: str | epath.Path, results: Results, *, seeds: Sequence[int],
-                 setting: str, wall_seconds: float, convention: str = metrics_lib.DELTA_M_DEFAULT,
+                 setting: str, wall_seconds: float, convention: str = comparison.DELTA_M_DEFAULT,
                  runs_dir: str | epath.Path | None = None) -> list[epath.Path]:
     """report.md, summary.json, the Fig. 3 PNG and (when the runs logged gradients and are at hand) the Fig. 5
     PNG in `root`. Without the runs, Fig. 5's numbers come from the previous summary.json and its PNG stays."""
     root = epath.Path(root)
-    metrics_lib.delta_m_metrics(convention, experiment.tasks)  # an unknown convention stops before any writing
+    comparison.delta_m_metrics(convention, experiment.tasks)  # an unknown convention stops before any writing
     results = {run.name: {seed: results[run.name][seed] for seed in seeds} for run in experiment.runs}
     written, figure_files = [], []
     if {"segmentation", "depth"} <= set(experiment.tasks):

@@ -15,10 +15,10 @@ from etils import epath
 from jax.sharding import Mesh
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import comparison
 from auxmtl_jax import errors
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import input_sizing
-from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
 from auxmtl_jax import pretrained
 from auxmtl_jax import tasks as tasks_lib
@@ -119,13 +119,13 @@ def check_input_files(config) -> None:
     references = reference_results(config)
     if (references is not None and config.dataset.get("validation_split")
             and selection_lib.evaluation_plan(config).select_by == selection_lib.DELTA_M_CRITERION):
-        needed = metrics_lib.delta_m_metrics(metrics_lib.DELTA_M_DEFAULT, config.tasks)
+        needed = comparison.delta_m_metrics(comparison.DELTA_M_DEFAULT, config.tasks)
         missing = [f"{task}/{metric}" for task, names in needed.items() for metric in names
                    if metric not in references.get(task, {})]
         if missing:
             raise UserError(f"config.evaluation.select_by='delta_m' selects on Δm% against config.reference_results, "
                             f"which lacks {', '.join(missing)}; expected every metric of the "
-                            f"{metrics_lib.DELTA_M_DEFAULT!r} convention for config.tasks.")
+                            f"{comparison.DELTA_M_DEFAULT!r} convention for config.tasks.")
     encoder_init = config.model.get("encoder_init")
     if state_lib.encoder_start(config) == "run":
         checkpoint_lib.init_source(encoder_init, "encoder", what="config.model.encoder_init")

@@ -13,6 +13,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import comparison
 from auxmtl_jax import coordination
 from auxmtl_jax import input_pipeline
 from auxmtl_jax import metrics as metrics_lib
@@ -60,7 +61,7 @@ def _results_delta_m(results, references) -> float | None:
     if references is None:
         return None
     try:
-        return metrics_lib.delta_m(results, references)
+        return comparison.delta_m(results, references)
     except ValueError:
         return None
 
@@ -71,11 +72,11 @@ def write_results(workdir: epath.Path, name: str, step: int, results: dict, refe
     metrics; `report` adds what they are (`selection.report_record`: rule, reduction, the other evaluations)."""
     record = {"name": name, "step": int(step), "metrics": results, **{k: v for k, v in (report or {}).items()
                                                                        if k != "metrics"},
-              "delta_m": _results_delta_m(results, references), "delta_m_convention": metrics_lib.DELTA_M_DEFAULT}
+              "delta_m": _results_delta_m(results, references), "delta_m_convention": comparison.DELTA_M_DEFAULT}
     if jax.process_index() == 0:
         workdir_lib.write_text_atomic(workdir / workdir_lib.RESULTS_FILE, json.dumps(record, indent=2, allow_nan=True))
         workdir_lib.write_text_atomic(workdir / workdir_lib.RESULTS_TABLE,
-                                      metrics_lib.format_table({name: results}, references) + "\n")
+                                      comparison.format_table({name: results}, references) + "\n")
     return record
 
 

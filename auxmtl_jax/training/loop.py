@@ -15,9 +15,9 @@ import numpy as np
 from etils import epath
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import comparison
 from auxmtl_jax import coordination
 from auxmtl_jax import input_pipeline
-from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import parallel
 from auxmtl_jax import reporting
 from auxmtl_jax import workdir as workdir_lib
@@ -155,7 +155,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, checked: b
     if jax.process_index() == 0:
         checkpoint_lib.export_inference(workdir, main_variables(state), model_export_config(config, dataset))
         print(f"\n{config.name} (step {config.num_train_steps}):\n"
-              f"{metrics_lib.format_table({config.name: results}, reference_results(config))}", flush=True)
+              f"{comparison.format_table({config.name: results}, reference_results(config))}", flush=True)
     return TrainedRun(record, state, model, dataset, evaluator.data)
 
 

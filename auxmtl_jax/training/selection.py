@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from auxmtl_jax import checkpoint as checkpoint_lib
+from auxmtl_jax import comparison
 from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.errors import UserError
@@ -136,7 +137,7 @@ class Criterion(NamedTuple):
 
     def describe(self, reference_source: str) -> str:
         if self.task is None:
-            return (f"Δm% ({metrics_lib.DELTA_M_DEFAULT}) on the validation split against {reference_source}, "
+            return (f"Δm% ({comparison.DELTA_M_DEFAULT}) on the validation split against {reference_source}, "
                     "higher is better")
         better = "higher" if metrics_lib.HIGHER_IS_BETTER[self.task][self.metric] else "lower"
         return f"{self.task}/{self.metric} on the validation split, {better} is better"
@@ -145,7 +146,7 @@ class Criterion(NamedTuple):
         """The score of `results`; NaN (never selected) when a value is missing or not finite."""
         try:
             if self.task is None:
-                value = metrics_lib.delta_m(results, reference)
+                value = comparison.delta_m(results, reference)
             else:
                 value = float(results[self.task][self.metric])
                 value = value if metrics_lib.HIGHER_IS_BETTER[self.task][self.metric] else -value

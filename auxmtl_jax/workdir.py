@@ -137,7 +137,9 @@ def _refusal_message(workdir: epath.Path, differing: list[tuple[str, Any, Any]],
 # Config keys added after runs may have been started, with the value that reproduces the behaviour from before
 # them: a workdir whose config.json lacks such a key resumes when the key has that value.
 ADDED_KEYS = {"init_from.base_lr_scale": 1.0, "optimizer.schedule": "poly", "model.pretrained_required": False,
-              "search.devices": 0}
+              "search.devices": 0, "optimizer.name": "sgd", "optimizer.step_every_steps": 10_000,
+              "optimizer.step_factor": 0.1, "dataset.validation_split": None, "evaluation.reduction": "per_pixel",
+              "evaluation.average_last": 1, "evaluation.select_by": "delta_m", "evaluation.report": None}
 ADDED_KEYS.update({f"weighting.{key}": value
                    for key, value in flatten_config(weighting_lib.DEFAULT_OPTIONS).items()})
 

@@ -23,6 +23,10 @@ weighting or gradient treatment of `auxmtl_jax.weighting` (`strategy=auxi_all,we
 The variant key `prior=<workdir>` adds the Prior initialisation (and lr / 10) to any strategy: the paper's AT_2
 is `strategy=auxi:depth,prior=<segmentation run>`.
 
+The variant key `encoder_init=<start>` sets `model.encoder_init` (`scratch`, a weight file or a run of ours), so an
+experiment's run can train from scratch whatever its base config starts from:
+`encoder=plain_deep,encoder_init=scratch`.
+
 Example: `--config=configs/synthetic_three_task.py:strategy=auxi_nas:configs/genotypes/example_three_task.json`.
 """
 
@@ -38,6 +42,7 @@ STRATEGIES = ("single", "joint", "kendall", "deep_supervision", "prior", "auxi",
 VARIANT_KEYS = {
     "decoder": "model.decoder",
     "encoder": "model.encoder",
+    "encoder_init": "model.encoder_init",
     "width": "model.width_multiplier",
     "output_stride": "model.output_stride",
     "dtype": "model.dtype",

@@ -1,11 +1,12 @@
-"""Encoders (MobileNetV2, ResNet-50) that return and sow their down-sampling stage outputs (ResNet-50 also sows
-each residual block's output as ``layer{l}_block{b}``, selectable as an aux input).
+"""Encoders (MobileNetV2, ResNet-50, and ``plain_deep``, the plain positive control of ``plain_encoder``) that
+return and sow their down-sampling stage outputs (ResNet-50 also sows each residual block's output as
+``layer{l}_block{b}``, selectable as an aux input).
 
-Both encoders take float32 NHWC images and return ``{stage_name: feature}`` in shallow-to-deep order. When the
+The encoders take float32 NHWC images and return ``{stage_name: feature}`` in shallow-to-deep order. When the
 ``intermediates`` collection is mutable they also sow each stage output under the same name (keep-last), which
 is how the auxiliary modules and deep-supervision heads receive them during training.
 
-Stage names are shared by both encoders: ``stageK`` has nominal stride 2**K. ``output_stride`` (8, 16 or 32)
+Stage names are shared by the encoders: ``stageK`` has nominal stride 2**K. ``output_stride`` (8, 16 or 32)
 replaces the strides of the later stages by dilation, so their effective stride is ``min(2**K, output_stride)``.
 
 Stages (width multiplier 1.0; ``encoder_stages`` lists them for any setting without running the network):
@@ -21,6 +22,11 @@ Stages (width multiplier 1.0; ``encoder_stages`` lists them for any setting with
 | resnet50     | stage3 | 8              | 512      | layer2                                |
 | resnet50     | stage4 | 16             | 1024     | layer3                                |
 | resnet50     | stage5 | 32             | 2048     | layer4                                |
+| plain_deep   | stage1 | 2              | 16       | conv2                                 |
+| plain_deep   | stage2 | 4              | 16       | conv5                                 |
+| plain_deep   | stage3 | 8              | 24       | conv8                                 |
+| plain_deep   | stage4 | 16             | 32       | conv11                                |
+| plain_deep   | stage5 | 32             | 32       | conv14                                |
 
 MobileNetV2 drops torchvision's final 1x1 conv to 1280 channels (``features.18``): it only serves the ImageNet
 classifier, and without it the paper's parameter counts (Table 1) are matched. ResNet-50 has no stride-2 stage
@@ -34,6 +40,7 @@ Parameter trees (flax kernels are HWIO; a torchvision importer transposes OIHW -
   ``project/{conv,bn}`` (``conv.0``/``conv.1``/``conv.2``+``conv.3`` in torchvision order).
 * ``ResNet50``: ``conv1``, ``bn1``, ``layer{l}_{b}`` = ``layer{l}.{b}`` with ``conv1..conv3``, ``bn1..bn3`` and
   on the first block of each layer ``downsample_conv``/``downsample_bn`` (``downsample.0``/``downsample.1``).
+* ``PlainDeep``: ``conv{i}/{conv,bn}`` for i = 1..14 (no ImageNet counterpart).
 
 Dilation follows torchvision's ResNet convention: the first block of a dilated stage keeps the previous dilation
 (with stride 1) and the remaining blocks use the new one.
@@ -43,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -51,41 +58,13 @@ import jax.numpy as jnp
 
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.models.layers import ConvBN, batch_norm, conv2d, relu6
+from auxmtl_jax.models.plain_encoder import PlainDeep, plain_deep_stages
+from auxmtl_jax.models.stages import DilationSchedule, StageSpec, make_divisible, sow_stage
 
 Dtype = Any
 
-ENCODERS = ("mobilenet_v2", "resnet50")
+ENCODERS = ("mobilenet_v2", "resnet50", "plain_deep")
 OUTPUT_STRIDES = (8, 16, 32)
-
-
-class StageSpec(NamedTuple):
-    """One sown encoder stage: its name, effective stride (after dilation) and channel count."""
-
-    name: str
-    stride: int
-    channels: int
-
-
-def keep_last(_previous: Any, value: Any) -> Any:
-    """``sow`` reducer that stores only the latest value (instead of flax's default tuple)."""
-    return value
-
-
-def _nothing() -> None:
-    return None
-
-
-def sow_stage(module: nn.Module, name: str, value: jax.Array) -> None:
-    """Sow one stage output into ``intermediates`` with keep-last semantics (a no-op when not mutable)."""
-    module.sow("intermediates", name, value, reduce_fn=keep_last, init_fn=_nothing)
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """Round a channel count to a multiple of ``divisor`` the way torchvision does (never below 90% of it)."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * value:
-        rounded += divisor
-    return rounded
 
 
 # torchvision's MobileNetV2 inverted residual setting: (expansion t, channels c, repeats n, first stride s).
@@ -108,30 +87,9 @@ class InvertedResidualSpec:
     stage: str | None  # the stage name sown after this block, if any
 
 
-class _DilationSchedule:
-    """Turns nominal strides into (stride, dilation) pairs so the effective stride never exceeds ``output_stride``."""
-
-    def __init__(self, output_stride: int, initial_stride: int):
-        self.output_stride = output_stride
-        self.nominal_stride = initial_stride
-        self.dilation = 1
-
-    def step(self, stride: int) -> tuple[int, int]:
-        """Account for one layer of nominal ``stride``; return the (stride, dilation) it should use."""
-        self.nominal_stride *= stride
-        if stride > 1 and self.nominal_stride > self.output_stride:
-            previous = self.dilation
-            self.dilation *= stride
-            return 1, previous
-        return stride, self.dilation
-
-    def effective_stride(self) -> int:
-        return min(self.nominal_stride, self.output_stride)
-
-
 def mobilenet_v2_blocks(width_multiplier: float, output_stride: int) -> tuple[InvertedResidualSpec, ...]:
     """The 17 inverted residual blocks for a width multiplier and output stride (torchvision channel rounding)."""
-    schedule = _DilationSchedule(output_stride, initial_stride=2)
+    schedule = DilationSchedule(output_stride, initial_stride=2)
     in_channels = make_divisible(_MOBILENET_V2_STEM_CHANNELS * width_multiplier)
     blocks = []
     for expand_ratio, channels, repeats, first_stride in _MOBILENET_V2_SETTING:
@@ -229,7 +187,7 @@ def resnet_stem_channels(width_multiplier: float) -> int:
 
 def resnet50_blocks(width_multiplier: float, output_stride: int) -> tuple[BottleneckSpec, ...]:
     """The 16 bottleneck blocks of ResNet-50 (v1.5: stride on the 3x3) for a width multiplier and output stride."""
-    schedule = _DilationSchedule(output_stride, initial_stride=4)
+    schedule = DilationSchedule(output_stride, initial_stride=4)
     in_channels = resnet_stem_channels(width_multiplier)
     blocks = []
     for layer, (depth, base_width) in enumerate(zip(_RESNET50_DEPTHS, _RESNET_BASE_WIDTHS), start=1):
@@ -295,7 +253,7 @@ class ResNet50(nn.Module):
 
 def encoder_module(encoder: str, *, width_multiplier: float, output_stride: int, dtype: Dtype) -> nn.Module:
     """Instantiate an encoder by name (names are validated by ``build_model`` before this is called)."""
-    cls = {"mobilenet_v2": MobileNetV2, "resnet50": ResNet50}[encoder]
+    cls = {"mobilenet_v2": MobileNetV2, "resnet50": ResNet50, "plain_deep": PlainDeep}[encoder]
     return cls(width_multiplier=width_multiplier, output_stride=output_stride, dtype=dtype, name="encoder")
 
 
@@ -326,6 +284,8 @@ def encoder_stages(encoder: str, *, width_multiplier: float = 1.0, output_stride
         raise UserError(f"model.encoder: unknown encoder {encoder!r}; expected one of {ENCODERS}")
     if output_stride not in OUTPUT_STRIDES:
         raise UserError(f"model.output_stride: got {output_stride!r}; expected one of {OUTPUT_STRIDES}")
+    if encoder == "plain_deep":
+        return plain_deep_stages(width_multiplier, output_stride)
     if encoder == "mobilenet_v2":
         blocks = mobilenet_v2_blocks(width_multiplier, output_stride)
         return tuple(StageSpec(block.stage, min(2 ** int(block.stage[5:]), output_stride), block.out_channels)

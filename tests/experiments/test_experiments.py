@@ -461,3 +461,23 @@ def test_fig5_numbers_compare_main_loss_gradients_seed_by_seed():
     assert numbers["stem/conv/kernel"] == entry and entry["seeds"] == 2
     with pytest.raises(Exception, match="share no logged grad_main layer"):
         gradients.gradient_numbers(joint, [_gradient_lines([1.0], [1.0], layers=("other/kernel",))] * 2)
+
+
+def test_the_positive_control_trains_the_plain_encoder_from_scratch_whatever_the_base_starts_from(tmp_path):
+    experiment = EXPERIMENTS["positive_control"]
+    base = runner.base_config(experiment, size="cpu", dataset="synthetic_scenes")
+    base.model.encoder_init = "workdirs/encoder_start"  # as if the base config started from a pre-trained encoder
+    configs = {run.name: runner.run_config(experiment, run, 0, base, tmp_path) for run in experiment.runs}
+    for config in configs.values():
+        assert (config.model.encoder, config.model.encoder_init, config.model.width_multiplier,
+                config.model.decoder) == ("plain_deep", "scratch", 1.0, "baseline")
+        assert training.state.encoder_start(config) is None
+    assert configs["plain_ds"].deep_supervision.tasks == TWO_TASKS and configs["plain_ds"].aux.tasks == ()
+    auxi = configs["plain_auxi_both"]
+    assert auxi.aux.tasks == TWO_TASKS and auxi.aux.features == () and auxi.deep_supervision.tasks == ()
+    assert configs["plain_single_seg"].tasks == ("segmentation",)
+    claims = {(claim.first, claim.second, claim.task): claim for claim in experiment.claims}
+    for task in TWO_TASKS:
+        assert claims[("plain_ds", "plain_joint", task)].family == BEYOND_THE_PAPER  # the gate, its own family
+        assert claims[("plain_auxi_both", "plain_joint", task)].source == "paper Sec. 4.2"
+        assert claims[("plain_auxi_both", "plain_ds", task)].source == "paper Sec. 4.2"

@@ -526,3 +526,107 @@ def test_each_module_reads_only_its_own_copy_of_the_representation(decoder, batc
     for task in list(TASKS)[1:]:
         np.testing.assert_array_equal(moved.main[task], plain.main[task])
     np.testing.assert_array_equal(moved.aux[first], plain.aux[first])
+
+
+# The plain deep encoder (issue 30's positive control): its layout, output stride, the absence of skip
+# connections, gradient isolation of the side modules on it, and no ImageNet start.
+PLAIN_STAGES = (("stage1", 2, 16), ("stage2", 4, 16), ("stage3", 8, 24), ("stage4", 16, 32), ("stage5", 32, 32))
+
+
+def plain_encoder_variables_and_stages(output_stride=32, width_multiplier=0.25):
+    from auxmtl_jax.models.encoders import encoder_module
+
+    module = encoder_module("plain_deep", width_multiplier=width_multiplier, output_stride=output_stride,
+                            dtype=jnp.float32)
+    images = jax.ShapeDtypeStruct(IMAGE_SHAPE, jnp.float32)
+    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), images)
+    (stages, sown) = jax.eval_shape(
+        lambda v, x: module.apply(v, x, train=True, mutable=["intermediates", "batch_stats"]), variables, images)
+    return variables, stages, sown["intermediates"]
+
+
+def test_plain_deep_is_a_chain_of_14_3x3_convs_sowing_five_stages_at_the_stated_strides_and_channels():
+    assert tuple(encoder_stages("plain_deep")) == PLAIN_STAGES
+    assert [stage.channels for stage in encoder_stages("plain_deep", width_multiplier=0.5)] == [8, 8, 16, 16, 16]
+    variables, stages, sown = plain_encoder_variables_and_stages()
+    params = variables["params"]
+    assert set(params) == {f"conv{index}" for index in range(1, 15)}
+    assert all(set(layer) == {"conv", "bn"} and layer["conv"]["kernel"].shape[:2] == (3, 3)
+               for layer in params.values())
+    assert list(stages) == list(sown) == [name for name, _, _ in PLAIN_STAGES]
+    at_quarter_width = {stage.name: stage.channels for stage in encoder_stages("plain_deep", width_multiplier=0.25)}
+    for name, stride, _ in PLAIN_STAGES:
+        assert stages[name].shape == sown[name].shape == (2, 32 // stride, 32 // stride, at_quarter_width[name])
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_plain_deep_replaces_later_strides_by_dilation(output_stride):
+    from auxmtl_jax.models.plain_encoder import plain_deep_layers
+
+    _, stages, _ = plain_encoder_variables_and_stages(output_stride)
+    assert [stage.stride for stage in encoder_stages("plain_deep", output_stride=output_stride)] == [
+        min(stride, output_stride) for _, stride, _ in PLAIN_STAGES]
+    assert [stages[name].shape[1] for name, _, _ in PLAIN_STAGES] == [
+        32 // min(stride, output_stride) for _, stride, _ in PLAIN_STAGES]
+    # torchvision's rule: the layer that would pass the output stride keeps the previous dilation at stride 1,
+    # the stage's other layers use the doubled one.
+    layers = {layer.index: (layer.stride, layer.dilation) for layer in plain_deep_layers(1.0, output_stride)}
+    if output_stride == 8:
+        assert [layers[index] for index in (6, 9, 10, 12, 13)] == [(2, 1), (1, 1), (1, 2), (1, 2), (1, 4)]
+    else:
+        assert [layers[index] for index in (9, 10, 12, 13)] == [(2, 1), (1, 1), (1, 1), (1, 2)]
+
+
+def test_plain_deep_has_no_skip_connections(batch):
+    """Each layer reads only the previous layer's output: applying conv1..conv14 one after another, with the
+    encoder's parameters, gives every stage output exactly."""
+    from auxmtl_jax.models.encoders import encoder_module
+    from auxmtl_jax.models.layers import ConvBN
+    from auxmtl_jax.models.plain_encoder import plain_deep_layers
+
+    module = encoder_module("plain_deep", width_multiplier=0.25, output_stride=8, dtype=jnp.float32)
+    variables = random_variables(SimpleNamespace(init=lambda key, x: module.init(key, x, train=False)),
+                                 batch["image"])
+    stages = module.apply(variables, batch["image"], train=False)
+    x = batch["image"]
+    for spec in plain_deep_layers(0.25, 8):
+        name = f"conv{spec.index}"
+        x = ConvBN(spec.out_channels, 3, stride=spec.stride, dilation=spec.dilation).apply(
+            {"params": variables["params"][name], "batch_stats": variables["batch_stats"][name]}, x, False)
+        if spec.stage is not None:
+            np.testing.assert_array_equal(x, stages[spec.stage])
+
+
+def test_gradients_keep_aux_and_main_paths_apart_with_the_plain_encoder(batch):
+    tasks = {"segmentation": TASKS["segmentation"], "depth": 1}
+    model = build_model(model_config(encoder="plain_deep", decoder="baseline"), tasks,
+                        aux_config(tasks=tuple(tasks)), SimpleNamespace(tasks=("depth",)))
+    variables = random_variables(model, batch["image"])
+
+    @jax.jit
+    def gradients(params):
+        def stacked_losses(params):
+            outputs, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch["image"],
+                                     train=True)
+            return jnp.stack([sum(task_lib.task_losses(outputs.main, batch).values()),
+                              sum(task_lib.task_losses(outputs.aux, batch).values())])
+
+        grads = jax.jacrev(stacked_losses)(params)
+        return jax.tree.map(lambda g: g[0], grads), jax.tree.map(lambda g: g[1], grads)
+
+    main_grads, aux_grads = gradients(variables["params"])
+    for leaf in jax.tree.leaves(main_grads["aux"]) + jax.tree.leaves(main_grads["deep_supervision"]):
+        assert not np.any(np.asarray(leaf))
+    for layer in ("conv1", "conv14"):
+        assert np.any(np.asarray(aux_grads["main"]["encoder"][layer]["conv"]["kernel"]))
+    assert all(not np.any(np.asarray(leaf)) for task in tasks
+               for leaf in jax.tree.leaves(aux_grads["main"][f"{task}_decoder"]))
+    assert all(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(aux_grads["aux"]))
+
+
+def test_plain_deep_has_no_imagenet_start():
+    from auxmtl_jax import pretrained
+    from auxmtl_jax.errors import UserError
+
+    with pytest.raises(UserError, match=r"'plain_deep' has no pretrained-weight conversion"):
+        pretrained.load_pretrained_encoder("weights.pth", "plain_deep")

@@ -46,7 +46,8 @@ class Predictor:
         export_config = checkpoint_lib.load_inference_config(directory)
         variables = checkpoint_lib.load_inference_variables(directory)
         model_cfg = ml_collections.ConfigDict(export_config["model"])
-        model = build_model(model_cfg, dict(export_config["tasks"]))
+        model = build_model(model_cfg, dict(export_config["tasks"]),
+                            input_size=export_config["input"].get("crop_size"))  # for model.aspp_rates='feature'
         return cls(model, jax.tree.map(jnp.asarray, variables), export_config)
 
     @property

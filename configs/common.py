@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
     # they stop without one instead of silently training from scratch.
     config.model.encoder_init = ml_collections.config_dict.placeholder(str)
     config.model.pretrained_required = False
+    # Atrous rates of the context and deeplab decoders' ASPP (docs/models.md "Sizes at small crops"): 'paper'
+    # (DeepLabv3's 6/12/18 at stride 16 scaled to the output stride: 12/24/36 at 8), 'feature' (the paper's rates
+    # scaled from its 49x49 map to the training crop's feature map, so the atrous taps stay inside it) or a tuple
+    # such as (2, 4, 6). An object field, so that a config or --config.model.aspp_rates='(2,4,6)' may set a tuple.
+    config.model.aspp_rates = ml_collections.FieldReference("paper", field_type=object)
 
     config.aux = ml_collections.ConfigDict()
     config.aux.tasks = ()
@@ -66,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 'hierarchy': aggregate at each stage's own resolution, head at the deepest stage (cheap, paper Fig. 1b);
     # 'finest': upsample every adapted stage to the finest selected one and aggregate and predict there.
     config.aux.resolution = "hierarchy"
+    # 'hierarchy' only: 0 = the head at the deepest selected stage; N > 0 = at the deepest selected stage with at
+    # least N cells on its map's shorter side, deeper stages upsampled to it (docs/models.md "Sizes at small crops").
+    config.aux.min_head_size = 0
     config.aux.channels = 64
     config.aux.weight = 1.0
     # Auxi-NAS: a genotype JSON file (auxmtl_jax.models.genotype). Its cells replace the basic module; its tasks and

@@ -10,6 +10,13 @@ hierarchy, h_p = h_{p-1} ⊙ D_p(O_p), then predicts task t with a small head. W
 * ``finest``: every D_p(O_p) is upsampled to the finest selected stage and aggregated and predicted there (the
   head's 3x3 conv then runs at stride 2 on all stages' channels: 1.6-2.4x the main network's training FLOPs).
 
+``min_head_size`` (``aux.min_head_size``, cells; 0 = off) keeps ``hierarchy``'s head off maps that are too small
+(at a 64x80 crop the stride-32 stage is 2x3 cells, where a 3x3 head sees mostly padding): the aggregation follows
+the hierarchy down to the deepest selected stage whose map has at least ``min_head_size`` cells on its shorter
+side, the *floor* (the finest selected stage when none has), and the adapted deeper stages are upsampled to the
+floor and aggregated there, as ``finest`` does at the finest stage; the head predicts at the floor. At the paper's
+crop (385: 13x13 at stride 32) a minimum of 8 changes nothing; above every selected map it is ``finest``.
+
 Adaptors and aggregators come from two registries (``OPERATIONS``, ``AGGREGATES``) so that a searched NAS
 genotype can build its cells from the same pieces:
 
@@ -28,6 +35,7 @@ in ``cells.py``. Everything here lives outside ``main``, so dropping it leaves i
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.models.deformable import DeformableConvBN
 from auxmtl_jax.models.layers import ConvBN, PredictionHead, SeparableConvBN, resize_bilinear, to_task_output
 
@@ -92,6 +101,14 @@ AGGREGATES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 RESOLUTIONS = ("hierarchy", "finest")
 
 
+def check_min_head_size(value: Any, what: str = "aux.min_head_size") -> int:
+    """``value`` as a cell count >= 0; one UserError line naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise UserError(f"{what}: got {value!r}; expected 0 (off: the head at the deepest selected stage) or a "
+                        "number of cells, e.g. 8, that the aux head's map keeps on its shorter side")
+    return int(value)
+
+
 def downsample_to(x: jax.Array, height: int, width: int) -> jax.Array:
     """Brings a finer NHWC feature down to (height, width) the way the encoder's strides do.
 
@@ -110,8 +127,10 @@ class AuxiliaryModule(nn.Module):
     """Paper Eq. 2 for one task: adaptors on the selected stages, hierarchical aggregation, task head.
 
     ``features`` are stage names, aggregated in the given (shallow-to-deep) order, at each stage's resolution
-    (``resolution='hierarchy'``) or all at the finest one (``'finest'``). Parameters: ``adaptor_{stage}`` per
-    stage and ``head``; they do not depend on ``resolution``.
+    (``resolution='hierarchy'``) or all at the finest one (``'finest'``). With ``'hierarchy'`` and
+    ``min_head_size`` > 0, stages whose map is smaller than the floor (see ``head_size``) are upsampled to it, so
+    the head never predicts from fewer cells than that (``'finest'`` ignores it). Parameters: ``adaptor_{stage}``
+    per stage and ``head``; they depend on neither ``resolution`` nor ``min_head_size``.
     """
 
     task: str
@@ -121,12 +140,25 @@ class AuxiliaryModule(nn.Module):
     aggregate: str = "concat"
     channels: int = 64
     resolution: str = "hierarchy"
+    min_head_size: int = 0
     dtype: Dtype = jnp.float32
+
+    def head_size(self, stages: Mapping[str, jax.Array]) -> tuple[int, int]:
+        """(H, W) of the map the head predicts from: the finest selected stage's for ``'finest'``; for
+        ``'hierarchy'`` the deepest selected stage's (``min_head_size`` 0) or the floor's: the deepest selected
+        stage with min(H, W) >= ``min_head_size``, else the finest selected stage."""
+        sizes = [tuple(stages[name].shape[1:3]) for name in self.features]
+        finest = max(sizes, key=lambda size: size[0] * size[1])
+        if self.resolution == "finest":
+            return finest
+        large = [size for size in sizes if min(size) >= self.min_head_size]
+        return min(large, key=lambda size: size[0] * size[1]) if large else finest
 
     @nn.compact
     def __call__(self, stages: Mapping[str, jax.Array], output_size: tuple[int, int], train: bool) -> jax.Array:
         finest = (max(stages[name].shape[1] for name in self.features),
                   max(stages[name].shape[2] for name in self.features))
+        floor = self.head_size(stages)
         make_adaptor, combine = OPERATIONS[self.adaptor], AGGREGATES[self.aggregate]
         aggregated = None
         for name in self.features:
@@ -134,8 +166,11 @@ class AuxiliaryModule(nn.Module):
                                                                                train)
             if self.resolution == "finest":
                 adapted = resize_bilinear(adapted, *finest)
-            elif aggregated is not None:
-                aggregated = downsample_to(aggregated, *adapted.shape[1:3])
+            else:
+                if adapted.shape[1] * adapted.shape[2] < floor[0] * floor[1]:  # below the floor: up to it
+                    adapted = resize_bilinear(adapted, *floor)
+                if aggregated is not None:
+                    aggregated = downsample_to(aggregated, *adapted.shape[1:3])
             aggregated = adapted if aggregated is None else combine(aggregated, adapted)
         raw = PredictionHead(self.out_channels, self.channels, dtype=self.dtype, name="head")(aggregated, train)
         return to_task_output(self.task, raw, *output_size)

@@ -5,8 +5,9 @@ network upsamples it to the input size. Everything here is per task except the A
 
 * ``baseline``: a two-layer head (3x3 conv + BN + ReLU, 1x1 conv) on the last encoder feature (stride 8 by
   default), then bilinear upsampling to the input size.
-* ``context``: a shared ASPP on the last encoder feature (DeepLabv3 rates, 12/24/36 at stride 8; branch width
-  ``head_channels``, output width that of the feature), then the Baseline heads.
+* ``context``: a shared ASPP on the last encoder feature (DeepLabv3 rates, 12/24/36 at stride 8, or scaled to the
+  feature map: ``model.aspp_rates``, see ``resolve_aspp_rates``; branch width ``head_channels``, output width that
+  of the feature), then the Baseline heads.
 * ``ushape``: per task a U-Net-style top-down path that upsamples 2x, concatenates the next shallower encoder
   stage and fuses them with a 3x3 conv + BN + ReLU (width halving at each step, ``head_channels`` at the
   shallowest sown stage), then the two-layer head.
@@ -19,6 +20,7 @@ network upsamples it to the input size. Everything here is per task except the A
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from auxmtl_jax.errors import UserError
 from auxmtl_jax.models.layers import ConvBN, PredictionHead, SeparableConvBN, conv2d, resize_bilinear
 
 Dtype = Any
@@ -42,9 +45,74 @@ DEEPLAB_DROPOUT_RATE = 0.5
 _DEEPLAB_RATES_AT_STRIDE_16 = (6, 12, 18)
 
 
+# The decoders with an ASPP, whose rates `model.aspp_rates` sets.
+ASPP_DECODERS = ("context", "deeplab")
+ASPP_RATE_MODES = ("paper", "feature")
+# The paper's crop (Sec. 4.1: 385x385); at stride 8 its feature map is 49x49, where 12/24/36 reach about 1/4, 1/2
+# and 3/4 of the map.
+PAPER_CROP_SIZE = 385
+
+
 def aspp_rates(output_stride: int) -> tuple[int, ...]:
     """DeepLabv3's atrous rates, scaled to the output stride (6/12/18 at 16, 12/24/36 at 8, 3/6/9 at 32)."""
     return tuple(max(1, rate * 16 // output_stride) for rate in _DEEPLAB_RATES_AT_STRIDE_16)
+
+
+def feature_aspp_rates(feature_size: tuple[int, int], output_stride: int) -> tuple[int, ...]:
+    """The paper's rates scaled to a feature map: r_i' = max(1, round_half_up(r_i * min(H, W) / M)).
+
+    r_i = ``aspp_rates(output_stride)`` and M = ceil(385 / output_stride), the paper crop's feature map (49 at
+    stride 8), so each rate keeps the fraction of the map's shorter side it has at the paper's size, and the paper's
+    size gives the paper's rates. Why: a 3x3 at dilation d on an n-cell axis ('same' zero padding) has an
+    off-centre tap inside the map only if d < n; at d >= min(H, W) every off-centre tap of every output cell reads
+    padding and the "atrous" branch is a 1x1 conv on its centre tap (12/24/36 on the 8x10 map of a 64x80 crop).
+    Scaled, every rate is < min(H, W) for maps of 2 cells or more (the largest ratio r_i / M is 0.74); on maps of
+    3 or fewer cells some rates coincide (ASPP then names the repeated branches apart).
+    """
+    shorter, reference = min(feature_size), -(-PAPER_CROP_SIZE // output_stride)
+    return tuple(max(1, (2 * rate * shorter + reference) // (2 * reference)) for rate in aspp_rates(output_stride))
+
+
+def check_aspp_rates(value: Any, what: str = "model.aspp_rates") -> str | tuple[int, ...]:
+    """``value`` as 'paper', 'feature' or a tuple of positive integers; one UserError line naming ``what``
+    otherwise (a list becomes a tuple)."""
+    if isinstance(value, str) and value in ASPP_RATE_MODES:
+        return value
+    if (isinstance(value, (tuple, list)) and value
+            and all(isinstance(rate, numbers.Integral) and not isinstance(rate, bool) and rate > 0 for rate in value)):
+        return tuple(int(rate) for rate in value)
+    raise UserError(f"{what}: got {value!r}; expected 'paper' (DeepLabv3's rates scaled to the output stride, "
+                    "12/24/36 at 8), 'feature' (scaled to the training crop's feature map) or a non-empty tuple of "
+                    "positive integers such as (2, 4, 6)")
+
+
+def resolve_aspp_rates(value: Any, output_stride: int, input_size: tuple[int, int] | None) -> tuple[int, ...]:
+    """The atrous rates of an ASPP for ``model.aspp_rates``: 'paper' -> ``aspp_rates(output_stride)``; 'feature' ->
+    ``feature_aspp_rates`` of the feature map of the training crop ``input_size`` (ceil(size / stride), as the
+    encoders' 'same' strides give); a tuple -> itself.
+
+    Resolved once, when the model is built, not from the traced input: the rates are the static dilations of
+    trained weights (and name the branches), so an evaluation on larger images must use the training crop's
+    rates, not rates rescaled to its own feature map.
+    """
+    value = check_aspp_rates(value)
+    if value == "paper":
+        return aspp_rates(output_stride)
+    if value == "feature":
+        if input_size is None:
+            raise UserError("model.aspp_rates='feature' scales the rates to the training crop's feature map, and "
+                            "this model was built without it; expected build_model(..., input_size=crop_size)")
+        return feature_aspp_rates(tuple(-(-int(size) // output_stride) for size in input_size), output_stride)
+    return value
+
+
+def atrous_branch_names(rates: tuple[int, ...]) -> tuple[str, ...]:
+    """``branch_rate{r}`` per rate; a rate's second and later occurrences are ``branch_rate{r}_{k}`` (k = 2, ...)."""
+    names = []
+    for index, rate in enumerate(rates):
+        repeat = rates[:index].count(rate)
+        names.append(f"branch_rate{rate}" + (f"_{repeat + 1}" if repeat else ""))
+    return tuple(names)
 
 
 class ASPP(nn.Module):
@@ -72,10 +140,9 @@ class ASPP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         branches = [ConvBN(self.channels, 1, dtype=self.dtype, name="branch_1x1")(x, train)]
-        for rate in self.rates:
+        for rate, name in zip(self.rates, atrous_branch_names(tuple(self.rates))):
             atrous = SeparableConvBN if self.separable else ConvBN
-            branches.append(atrous(self.channels, 3, dilation=rate, dtype=self.dtype,
-                                   name=f"branch_rate{rate}")(x, train))
+            branches.append(atrous(self.channels, 3, dilation=rate, dtype=self.dtype, name=name)(x, train))
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
         pooled = ConvBN(self.channels, 1, dtype=self.dtype, name="branch_pool")(pooled, train)
         branches.append(jnp.broadcast_to(pooled, x.shape[:3] + (self.channels,)))

@@ -35,10 +35,12 @@ import jax.numpy as jnp
 
 from auxmtl_jax import tasks as task_lib
 from auxmtl_jax.errors import UserError
-from auxmtl_jax.models.auxiliary import ADAPTORS, AGGREGATES, RESOLUTIONS, AuxiliaryModule, DeepSupervisionHeads
+from auxmtl_jax.models.auxiliary import (ADAPTORS, AGGREGATES, RESOLUTIONS, AuxiliaryModule, DeepSupervisionHeads,
+                                         check_min_head_size)
 from auxmtl_jax.models.cells import AuxiliaryCells
-from auxmtl_jax.models.decoders import (ASPP, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
-                                        DeepLabDecoder, ObjectContextDecoder, UShapeDecoder, aspp_rates)
+from auxmtl_jax.models.decoders import (ASPP, ASPP_DECODERS, DECODERS, DEFAULT_HEAD_CHANNELS, DEFAULT_OUTPUT_STRIDE,
+                                        DeepLabDecoder, ObjectContextDecoder, UShapeDecoder, aspp_rates,
+                                        check_aspp_rates, resolve_aspp_rates)
 from auxmtl_jax.models.encoders import ENCODERS, OUTPUT_STRIDES, encoder_features, encoder_module, encoder_stages
 from auxmtl_jax.models.layers import PredictionHead, to_task_output
 from auxmtl_jax.models.genotype import CellSpace, Genotype, GenotypeError, load_genotype
@@ -55,8 +57,8 @@ class MultiTaskNet(nn.Module):
     """Shared encoder (+ ASPP for ``context``) and one decoder per task (``baseline``, ``context``, ``ushape``,
     ``ocnet`` or ``deeplab``); outputs at input resolution.
 
-    ``tasks`` is a tuple of ``(task, output_channels)``. Parameters: ``encoder``, ``aspp`` (context only) and
-    ``{task}_decoder`` per task.
+    ``tasks`` is a tuple of ``(task, output_channels)``; ``aspp_rates`` the ASPP's rates (context, deeplab; None:
+    ``aspp_rates(output_stride)``). Parameters: ``encoder``, ``aspp`` (context only) and ``{task}_decoder`` per task.
     """
 
     encoder: str
@@ -66,6 +68,7 @@ class MultiTaskNet(nn.Module):
     tasks: tuple[tuple[str, int], ...]
     head_channels: int
     dtype: Dtype = jnp.float32
+    aspp_rates: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool, *, part: str = "all",
@@ -76,6 +79,7 @@ class MultiTaskNet(nn.Module):
         give the output size only). 'shared' then 'decoders' is 'all', split where the task-specific part begins.
         """
         height, width = images.shape[1], images.shape[2]
+        rates = self.aspp_rates or aspp_rates(self.output_stride)
         if part not in ("all", "shared", "decoders"):
             raise ValueError(f"MultiTaskNet: part={part!r}; expected 'all', 'shared' or 'decoders'")
         if part != "decoders":
@@ -86,14 +90,13 @@ class MultiTaskNet(nn.Module):
             else:
                 shared = stages[list(stages)[-1]]
                 if self.decoder == "context":
-                    shared = ASPP(self.head_channels, aspp_rates(self.output_stride), dtype=self.dtype,
-                                  name="aspp")(shared, train)
+                    shared = ASPP(self.head_channels, rates, dtype=self.dtype, name="aspp")(shared, train)
             if part == "shared":
                 return shared
             decoder_inputs = {task: shared for task, _ in self.tasks}
         decoder = {"ushape": UShapeDecoder, "ocnet": ObjectContextDecoder}.get(self.decoder, PredictionHead)
         if self.decoder == "deeplab":  # LibMTL's DeepLab head per task, its ASPP rates scaled to the stride
-            decoder = functools.partial(DeepLabDecoder, rates=aspp_rates(self.output_stride))
+            decoder = functools.partial(DeepLabDecoder, rates=rates)
         raw = {task: decoder(channels, self.head_channels, dtype=self.dtype, name=f"{task}_decoder")(
             decoder_inputs[task], train) for task, channels in self.tasks}
         return {task: to_task_output(task, raw[task], height, width) for task, _ in self.tasks}
@@ -311,11 +314,12 @@ def _module_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def build_model(model_cfg: Any, tasks: Mapping[str, int], aux_cfg: Any = None,
-                deep_supervision_cfg: Any = None) -> MultiTaskModel:
+                deep_supervision_cfg: Any = None, *, input_size: tuple[int, int] | None = None) -> MultiTaskModel:
     """Validate the config (one ValueError naming field, value and allowed values) and assemble the model.
 
     ``tasks`` maps task name -> output channels (segmentation: number of classes; depth 1; normal 3).
     ``aux_cfg`` / ``deep_supervision_cfg`` may be None (no aux modules / no deep supervision).
+    ``input_size``: the training crop (H, W), which ``model.aspp_rates='feature'`` scales the rates to.
     """
     task_channels = _validated_tasks(tasks)
     encoder = _choice(model_cfg, "model.encoder", "encoder", ENCODERS)
@@ -334,13 +338,15 @@ def build_model(model_cfg: Any, tasks: Mapping[str, int], aux_cfg: Any = None,
     if head_channels is None:
         head_channels = DEFAULT_HEAD_CHANNELS[decoder]
     _require_positive_int("model.head_channels", head_channels)
+    rates = check_aspp_rates(_field(model_cfg, "model.aspp_rates", "aspp_rates", "paper"))
+    rates = resolve_aspp_rates(rates, output_stride, input_size) if decoder in ASPP_DECODERS else None
     dtype = DTYPES[dtype_name]
     stages = encoder_stages(encoder, width_multiplier=float(width_multiplier), output_stride=output_stride)
     stage_names = tuple(stage.name for stage in stages)
 
     main = MultiTaskNet(encoder=encoder, width_multiplier=float(width_multiplier), output_stride=output_stride,
                         decoder=decoder, tasks=tuple(task_channels.items()), head_channels=head_channels,
-                        dtype=dtype)
+                        dtype=dtype, aspp_rates=rates)
     selectable = encoder_features(encoder, width_multiplier=float(width_multiplier), output_stride=output_stride)
     aux_modules = _aux_modules(aux_cfg, task_channels, stage_names, selectable, dtype)
     deep_supervision_modules = _deep_supervision_modules(deep_supervision_cfg, task_channels, stage_names,
@@ -377,9 +383,10 @@ def _aux_modules(aux_cfg: Any, task_channels: dict[str, int], stage_names: tuple
     resolution = _choice(aux_cfg, "aux.resolution", "resolution", RESOLUTIONS, default="hierarchy")
     channels = _field(aux_cfg, "aux.channels", "channels", 64)
     _require_positive_int("aux.channels", channels)
+    min_head_size = check_min_head_size(_field(aux_cfg, "aux.min_head_size", "min_head_size", 0))
     return tuple((task, AuxiliaryModule(task=task, out_channels=task_channels[task], features=features,
                                         adaptor=adaptor, aggregate=aggregate, channels=channels,
-                                        resolution=resolution, dtype=dtype))
+                                        resolution=resolution, min_head_size=min_head_size, dtype=dtype))
                  for task in aux_tasks)
 
 

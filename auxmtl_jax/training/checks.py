@@ -26,6 +26,8 @@ from auxmtl_jax import weighting as weighting_lib
 from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.errors import MissingInputError, UserError
 from auxmtl_jax.models import MultiTaskModel
+from auxmtl_jax.models.auxiliary import check_min_head_size
+from auxmtl_jax.models.decoders import check_aspp_rates
 from auxmtl_jax.models.genotype import load_genotype
 from auxmtl_jax.training import selection as selection_lib
 from auxmtl_jax.training import state as state_lib
@@ -88,6 +90,8 @@ def validate_config(config) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UserError(f"config.init_from.{key}={value!r}; expected a number > 0.")
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
+    check_aspp_rates(config.model.get("aspp_rates", "paper"), "config.model.aspp_rates")
+    check_min_head_size(config.aux.get("min_head_size", 0), "config.aux.min_head_size")
     selection_lib.evaluation_plan(config)
     input_sizing.resolve(config.input)  # config.input.num_workers / num_threads: None or a count
     weighting_lib.from_config(config, steps_per_epoch=1)

@@ -86,7 +86,8 @@ def model_export_config(config, dataset: input_pipeline.DatasetInfo) -> dict:
             "tasks": task_channels(config.tasks, dataset.num_classes),
             "class_names": list(dataset.class_names or []),
             "input": {"mean": list(config.input.mean), "std": list(config.input.std),
-                      "eval_size": list(config.input.eval_size or dataset.image_size)},
+                      "eval_size": list(config.input.eval_size or dataset.image_size),
+                      "crop_size": list(config.input.crop_size)},  # model.aspp_rates='feature' scales to it
             "dataset": {"name": config.dataset.name, "config": config.dataset.config}}
 
 

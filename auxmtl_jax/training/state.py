@@ -124,7 +124,7 @@ def task_channels(tasks, num_classes: int | None) -> dict[str, int]:
 def create_model(config, num_classes: int | None) -> MultiTaskModel:
     tasks_lib.validate_tasks(tuple(config.tasks), what="config.tasks")
     return build_model(config.model, task_channels(config.tasks, num_classes), aux_cfg=config.aux,
-                       deep_supervision_cfg=config.deep_supervision)
+                       deep_supervision_cfg=config.deep_supervision, input_size=tuple(config.input.crop_size))
 
 
 # Parameters (shapes and values) do not depend on the image size, so they are made from a small image: an

@@ -39,6 +39,9 @@ def get_config(arg=None):
     config.search.tasks = ()  # () = config.tasks
     config.search.stages = tuple(config.aux.features)  # () = every sown stage
     config.search.cells_per_task = 0  # 0 = one cell per stage (the paper's P)
+    # Which cells of earlier tasks a cell may read: "paper" (Sec. 3.2: cell i reads cells 0..i-1 of the tasks before
+    # its own, counting from 0) or "all_cells" (ours, wider: every cell of them; the rule of configs/genotypes/*.json).
+    config.search.cross_task_inputs = "paper"
     config.search.num_candidates = 200
     config.search.population = 4  # candidates trained at once (vmapped; split over devices)
     config.search.devices = 0  # local devices the population is split over: 0 = all (as many as divide it)

@@ -9,8 +9,10 @@
   parameters, so the static build's parameters are a subset), and the head weights each of the task's locations
   by whether a later cell of the task reads it. Under ``jax.vmap`` over genotypes the switches become selects.
 
-Cross-task inputs: task t also reads the cells of tasks 0..t-1, which ``MultiTaskModel`` passes in
-(``earlier_cells``) in location order; each call returns its own cells for the tasks after it.
+Cross-task inputs: ``MultiTaskModel`` passes every cell of tasks 0..t-1 in (``earlier_cells``, in location order,
+so token values are global location numbers); each call returns its own cells for the tasks after it. Which of
+them a cell may read is the space's ``cross_task_inputs`` rule (``CellSpace.allowed_inputs``: under the paper's
+rule, cell i reads cells 0..i-1 of earlier tasks); the searchable build switches over the allowed locations only.
 
 Parameters of task t: ``stem_{stage}`` (1x1 conv + BN + ReLU to the cell width), ``cell{i}/path_a/{operation}``,
 ``cell{i}/path_b/{operation}``, ``cell{i}/aggregate/concat`` (concat's 1x1 conv + BN + ReLU back to the width) and
@@ -27,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from auxmtl_jax.models.auxiliary import OPERATIONS as OPERATION_FACTORIES
 from auxmtl_jax.models.auxiliary import downsample_to
@@ -171,7 +174,8 @@ class AuxiliaryCells(nn.Module):
         for index in range(space.cells_per_task):
             target = space.cell_stage(index)
             cell_tokens = tokens[index] if self.searchable else self.cells[index]
-            inputs = [self._input(locations, cell_tokens[slot], target, shapes) for slot in (0, 1)]
+            allowed = space.allowed_inputs(self.task_index, index)
+            inputs = [self._input(locations, cell_tokens[slot], target, shapes, allowed) for slot in (0, 1)]
             cell = AuxiliaryCell(self.channels, None if self.searchable else cell_tokens, dtype=self.dtype,
                                  name=f"cell{index}")(*inputs, train, cell_tokens if self.searchable else None)
             locations.append(cell)
@@ -195,11 +199,15 @@ class AuxiliaryCells(nn.Module):
         name = self.space.location_name(location)
         return name if location < len(self.space.stages) else name.split(".", 1)[1]
 
-    def _input(self, locations: list[jax.Array], token: Any, target: int,
-               shapes: Sequence[tuple[int, int]]) -> jax.Array:
-        """The location a token names, brought to the cell's stage; by ``lax.switch`` when the token is traced."""
+    def _input(self, locations: list[jax.Array], token: Any, target: int, shapes: Sequence[tuple[int, int]],
+               allowed: tuple[int, ...]) -> jax.Array:
+        """The location a token names, brought to the cell's stage; when the token is traced, by ``lax.switch``
+        over the locations the cell may read (a token outside them, which a valid genotype never has, reads the
+        first of them)."""
         if isinstance(token, int):
             return bring_to_stage(locations[token], self.space.location_stage(token), target, shapes)
         branches = [functools.partial(bring_to_stage, locations[location], self.space.location_stage(location),
-                                      target, shapes) for location in range(len(locations))]
-        return jax.lax.switch(token, branches)
+                                      target, shapes) for location in allowed]
+        branch_of_location = np.zeros(len(locations), np.int32)
+        branch_of_location[list(allowed)] = np.arange(len(allowed), dtype=np.int32)
+        return jax.lax.switch(jnp.asarray(branch_of_location)[token], branches)

@@ -154,7 +154,8 @@ class MultiTaskModel:
         space = self.aux_space
         if space is None or self.aux_searchable:
             return None
-        return Genotype(space.tasks, space.stages, tuple(module.cells for _, module in self.aux_modules))
+        return Genotype(space.tasks, space.stages, tuple(module.cells for _, module in self.aux_modules),
+                        space.cross_task_inputs)
 
     @property
     def aux_searchable(self) -> bool:

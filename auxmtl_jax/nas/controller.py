@@ -5,12 +5,13 @@ at position p a stacked LSTM (2 layers, 100 units by default, as Nekrasov et al.
 p-1 (one table per token kind: location, operation, aggregator; a learned start vector at p = 0) and a per-kind
 linear head turns its output into logits over that kind's vocabulary.
 
-Validity by construction: every position has a static number of valid choices (a location token of cell (t, i)
-may only point at ``space.readable_locations(t, i)`` locations; ops and aggregators at their vocabularies). Logits
-beyond it are set to -inf, so they have probability exactly 0 and every sample is a valid genotype.
+Validity by construction: every position has a static set of valid choices (a location token of cell (t, i) may
+only point at ``space.allowed_inputs(t, i)``, which follows the space's ``cross_task_inputs`` rule; ops and
+aggregators at their vocabularies). Every other logit is set to -inf, so it has probability exactly 0 and every
+sample is a valid genotype of the space.
 
 One ``jax.lax.scan`` over positions serves every token: per-position metadata (token kind, previous token kind,
-number of valid choices) are static numpy arrays built from the space, the heads write into one padded vocabulary
+mask of valid choices) are static numpy arrays built from the space, the heads write into one padded vocabulary
 of ``max(num_locations, len(OPERATIONS), len(AGGREGATORS))`` entries, and the step selects by kind. Shapes depend
 only on the space, so ``sample`` and ``score`` are pure, jit-able and vmap-able (a batch is ``jax.vmap`` over keys
 or token rows). ``sample`` is a pure function of its PRNG key; ``score`` re-scores given tokens by teacher forcing
@@ -46,25 +47,31 @@ class TokenLayout(NamedTuple):
 
     kinds: np.ndarray  # LOCATION / OPERATION / AGGREGATOR of the token at each position
     previous_kinds: np.ndarray  # kind of the token before it (START at position 0): which embedding table to read
-    num_choices: np.ndarray  # valid values are 0..num_choices-1
+    valid: np.ndarray  # bool [sequence_length, vocabulary_size]: the values each position may take
+    num_choices: np.ndarray  # how many values each position may take (valid.sum(-1))
     vocabulary_size: int  # width of the padded logits: the largest vocabulary of any kind
 
 
 @functools.lru_cache(maxsize=None)
 def token_layout(space: CellSpace) -> TokenLayout:
     """The static metadata of every position (task-major, cells in order, five tokens per cell)."""
-    kinds, num_choices = [], []
+    vocabulary_size = max(space.num_locations, len(OPERATIONS), len(AGGREGATORS))
+    kinds, valid = [], []
     for task_index in range(len(space.tasks)):
         for cell_index in range(space.cells_per_task):
-            readable = space.readable_locations(task_index, cell_index)
+            allowed = {LOCATION: space.allowed_inputs(task_index, cell_index), OPERATION: range(len(OPERATIONS)),
+                       AGGREGATOR: range(len(AGGREGATORS))}
             for kind in (KIND_OF_SLOT[name] for name in TOKENS):
                 kinds.append(kind)
-                num_choices.append({LOCATION: readable, OPERATION: len(OPERATIONS), AGGREGATOR: len(AGGREGATORS)}[kind])
+                row = np.zeros(vocabulary_size, bool)
+                row[list(allowed[kind])] = True
+                valid.append(row)
     kinds_array = np.asarray(kinds, np.int32)
     previous_kinds = np.concatenate([np.asarray([START], np.int32), kinds_array[:-1]])
-    layout = TokenLayout(kinds_array, previous_kinds, np.asarray(num_choices, np.int32),
-                         max(space.num_locations, len(OPERATIONS), len(AGGREGATORS)))
-    for array in layout[:3]:
+    valid_array = np.asarray(valid, bool).reshape(len(kinds), vocabulary_size)
+    layout = TokenLayout(kinds_array, previous_kinds, valid_array, valid_array.sum(-1).astype(np.int32),
+                         vocabulary_size)
+    for array in layout[:4]:
         array.setflags(write=False)  # cached and shared: keep it immutable
     return layout
 
@@ -175,17 +182,15 @@ class Controller:
         Returns (tokens [L], chosen log-probs [L], entropies [L], log-prob tables [L, V]).
         """
         network, layout = self.network, self.layout
-        choice_index = jnp.arange(layout.vocabulary_size)
         sampling = forced_tokens is None
         per_position = (jnp.asarray(layout.kinds), jnp.asarray(layout.previous_kinds),
-                        jnp.asarray(layout.num_choices), keys if sampling else forced_tokens)
+                        jnp.asarray(layout.valid), keys if sampling else forced_tokens)
 
         def body(state, inputs):
             carry, previous_token = state
-            kind, previous_kind, num_choices, key_or_token = inputs
+            kind, previous_kind, valid, key_or_token = inputs
             carry, logits = network.apply(params, carry, previous_token, previous_kind, kind,
                                           method=ControllerNetwork.step)
-            valid = choice_index < num_choices
             log_probs = jax.nn.log_softmax(jnp.where(valid, logits, -jnp.inf))
             token = jax.random.categorical(key_or_token, log_probs) if sampling else key_or_token
             token = token.astype(jnp.int32)

@@ -39,7 +39,7 @@ from auxmtl_jax.models import build_model
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import ppo as ppo_lib
 from auxmtl_jax.nas import reward as reward_lib
-from auxmtl_jax.models.genotype import CellSpace
+from auxmtl_jax.models.genotype import CellSpace, check_cross_task_inputs
 from auxmtl_jax.nas.controller import Controller
 from auxmtl_jax.training import checks, preemption, state as state_lib
 
@@ -50,13 +50,21 @@ SEARCH_CHECKPOINTS = workdir_lib.CHECKPOINT_DIR  # controller/PPO state after ea
 
 
 def search_space(config, stage_names: tuple[str, ...]) -> CellSpace:
-    """The space of ``config.search``: its tasks and stages (all sown stages when empty), n = P by default."""
+    """The space of ``config.search``: its tasks and stages (all sown stages when empty), n = P by default, and
+    its cross-task input rule (``search.cross_task_inputs``: "paper", the default, or our wider "all_cells")."""
     stages = tuple(config.search.stages) or stage_names
     missing = [stage for stage in stages if stage not in stage_names]
     if missing:
         raise UserError(f"search.stages: {missing} are not sown by this encoder; it sows {stage_names}")
     cells = config.search.cells_per_task or len(stages)
-    return CellSpace(tuple(config.search.tasks or config.tasks), stages, int(cells))
+    return CellSpace(tuple(config.search.tasks or config.tasks), stages, int(cells), cross_task_inputs(config))
+
+
+def cross_task_inputs(config) -> str:
+    """``search.cross_task_inputs`` (a config without the field searches under the paper's rule)."""
+    rule = config.search.get("cross_task_inputs", "paper")
+    check_cross_task_inputs(rule, "search.cross_task_inputs")
+    return rule
 
 
 def meta_splits(config) -> tuple[str, str]:
@@ -110,6 +118,7 @@ def validate_search_config(config) -> ppo_lib.PPOConfig:
     if isinstance(devices, bool) or not isinstance(devices, int) or not 0 <= devices <= available:
         raise UserError(f"search.devices={devices!r}; expected 0 (every local device) up to the {available} local "
                          f"device(s)")
+    cross_task_inputs(config)
     settings = ppo_config(config)
     if search.population > settings.buffer_size:
         raise UserError(f"search.population={search.population} exceeds search.ppo.buffer_size="

@@ -2,6 +2,7 @@
 module as a genotype, one compiled function for many genotypes, and the aux/main gradient contract."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,12 +25,13 @@ STAGES = ("stage2", "stage3", "stage4", "stage5")
 IMAGE_SHAPE = (2, 40, 48, 3)
 CHANNELS = 8
 # A small space for the compile-heavy tests: 2 tasks x 2 cells on the two deepest stages (a searchable build holds
-# every operation on every path). Locations: 0 stage4, 1 stage5, 2-3 segmentation cells, 4-5 depth cells.
-SMALL_SPACE = nas.CellSpace(("segmentation", "depth"), ("stage4", "stage5"), 2)
+# every operation on every path). Locations: 0 stage4, 1 stage5, 2-3 segmentation cells, 4-5 depth cells. Our
+# wider cross-task rule, so depth's first cell may read segmentation's last (the paper's rule: test_nas_rules.py).
+SMALL_SPACE = nas.CellSpace(("segmentation", "depth"), ("stage4", "stage5"), 2, "all_cells")
 SMALL_GENOTYPE = nas.Genotype(SMALL_SPACE.tasks, SMALL_SPACE.stages, (
     ((0, 1, 5, 0, 1), (2, 1, 3, 4, 0)),  # deform | sep3x3 -> concat; (cell0) dil6 + (stage5) skip -> sum
     ((3, 0, 2, 1, 0), (4, 2, 4, 5, 1)),  # reads segmentation.cell1, then segmentation.cell0 (cross-task)
-))
+), SMALL_SPACE.cross_task_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +98,15 @@ def test_round_trips_through_json_sequence_and_array(example, tmp_path):
     assert nas.genotype_from_json_dict(data) == example
 
 
-def test_random_genotypes_are_valid_and_cover_the_space():
-    space = nas.CellSpace(("segmentation", "depth", "normal"), STAGES, 4)
+@pytest.mark.parametrize("rule", nas.CROSS_TASK_INPUTS)
+def test_random_genotypes_are_valid_and_cover_the_space(rule):
+    space = nas.CellSpace(("segmentation", "depth", "normal"), STAGES, 4, rule)
     rng = np.random.default_rng(0)
     genotypes = [nas.random_genotype(space, rng) for _ in range(300)]
     tokens = np.stack([genotype.as_array() for genotype in genotypes])
     assert set(tokens[..., 2:4].reshape(-1)) == set(range(len(nas.OPERATIONS)))
-    last = tokens[:, 2, 3, :2].reshape(-1)  # the last cell of the last task may read every other location
-    assert last.max() == space.num_locations - 2 and last.min() == 0
+    last = tokens[:, 2, 3, :2].reshape(-1)  # the last cell of the last task reads every location its rule allows
+    assert set(last.tolist()) == set(space.allowed_inputs(2, 3))
 
 
 def corrupt(mutate):
@@ -122,6 +125,13 @@ BAD_GENOTYPES = {
     "location not generated yet": (set_token("depth", 0, 1, 8),
                                    r"cells\['depth'\]\[0\] input_b=8: points at a location not generated yet; "
                                    r"this cell may read locations 0..7"),
+    # the example was written under our wider rule: its depth cell0 reads segmentation.cell1
+    "forbidden by the paper's rule": (lambda d: d.__setitem__("cross_task_inputs", "paper"),
+                                      r"cells\['depth'\]\[0\] input_b=5: segmentation.cell1 is a cell of an earlier "
+                                      r"task that cross_task_inputs='paper' forbids here .*this cell may read "
+                                      r"locations 0..3 \(0=stage2, 1=stage3, 2=stage4, 3=stage5\)$"),
+    "unknown rule": (lambda d: d.__setitem__("cross_task_inputs", "some"),
+                     r"cross_task_inputs='some'; expected one of \('paper', 'all_cells'\)"),
     "own later cell": (set_token("segmentation", 1, 0, 6), r"cells\['segmentation'\]\[1\] input_a=6"),
     "negative location": (set_token("normal", 3, 0, -1), r"cells\['normal'\]\[3\] input_a=-1"),
     "unknown op index": (set_token("depth", 2, 3, 6), r"cells\['depth'\]\[2\] op_b=6: no such entry"),
@@ -180,10 +190,10 @@ def test_genotype_must_fit_the_model(model_fields, aux_fields, message):
 def test_genotype_tasks_and_stages_the_model_lacks_are_refused(example):
     with pytest.raises(nas.GenotypeError, match=r"task\(s\) \['normal'\] are not main tasks"):
         build_model(model_config(), {"segmentation": 5, "depth": 1}, SimpleNamespace(genotype=example, channels=8))
-    resnet_stages = nas.Genotype(example.tasks, ("stage1",) + example.stages[1:], example.cells)
+    resnet_stages = dataclasses.replace(example, stages=("stage1",) + example.stages[1:])
     with pytest.raises(nas.GenotypeError, match=r"stage\(s\) \['stage1'\] are not sown by this encoder"):
         build_model(model_config(encoder="resnet50"), TASKS, SimpleNamespace(genotype=resnet_stages, channels=8))
-    reversed_stages = nas.Genotype(example.tasks, example.stages[::-1], example.cells)
+    reversed_stages = dataclasses.replace(example, stages=example.stages[::-1])
     with pytest.raises(nas.GenotypeError, match=r"must be listed shallow to deep"):
         build_model(model_config(), TASKS, SimpleNamespace(genotype=reversed_stages, channels=8))
 
@@ -207,7 +217,7 @@ def test_static_build_has_only_the_chosen_operations(example, batch):
 def test_every_op_and_aggregator_runs_in_a_cell_with_cross_task_inputs(batch):
     """One genotype per (op, aggregator): every cell uses that op on both paths; later tasks read earlier tasks'
     cells. Outputs are finite, shaped like the task, and differ between ops (each op does something different)."""
-    space = nas.CellSpace(("segmentation", "depth", "normal"), STAGES, 4)
+    space = nas.CellSpace(("segmentation", "depth", "normal"), STAGES, 4, "all_cells")  # cell 0 reads across
     model = nas_model(space)
     variables = random_variables(model, batch["image"])
     apply = jitted_apply(model, train=False)
@@ -220,7 +230,7 @@ def test_every_op_and_aggregator_runs_in_a_cell_with_cross_task_inputs(batch):
                 first = (0, space.cell_location(t - 1, 3) if t else 1, op, op, aggregator)
                 rest = [(space.cell_location(t, i - 1), i + 1 if i < 3 else 3, op, op, aggregator) for i in range(1, 4)]
                 cells.append(tuple([first, *rest]))
-            genotype = nas.Genotype(space.tasks, space.stages, tuple(cells))
+            genotype = nas.Genotype(space.tasks, space.stages, tuple(cells), space.cross_task_inputs)
             result, _ = apply(variables, batch["image"], genotype.as_array())
             for task, prediction in result.aux.items():
                 assert prediction.shape == batch["image"].shape[:3] + (TASKS[task],)
@@ -338,6 +348,32 @@ def test_genotype_argument_is_required_exactly_for_a_searchable_build(example, b
     with pytest.raises(ValueError, match=r"genotype array of shape \(3, 3, 5\); this space needs \(3, 4, 5\)"):
         jax.eval_shape(lambda v, x: searchable.apply(v, x, train=False, genotype=jnp.zeros((3, 3, 5), jnp.int32)),
                        variables, batch["image"])
+
+
+@pytest.mark.slow
+def test_searchable_build_under_the_papers_rule_matches_static_builds(batch):
+    """Under the paper's rule a cell switches over its allowed locations only, not a prefix of the locations: the
+    token is mapped to its branch, and the searchable build still equals the static one."""
+    # Locations: 0 stage4, 1 stage5, 2-3 segmentation cells, 4-5 depth's, 6-7 normal's.
+    space = nas.CellSpace(("segmentation", "depth", "normal"), SMALL_SPACE.stages, 2)
+    assert space.cross_task_inputs == "paper" and space.allowed_inputs(2, 1) == (0, 1, 2, 4, 6)
+    handmade = nas.Genotype(space.tasks, space.stages, (
+        ((0, 1, 1, 4, 0), (2, 0, 0, 1, 1)),
+        ((1, 0, 4, 1, 0), (2, 4, 1, 4, 0)),
+        ((0, 1, 0, 4, 0), (4, 6, 3, 1, 1)),  # normal cell1: depth.cell0 (location 4 is its branch 3), own cell0
+    ))
+    searchable = nas_model(space)
+    variables = random_variables(searchable, batch["image"])
+    # train mode: BatchNorm normalises by the batch, so every input's signal reaches the output (in eval mode the
+    # random running means swamp the small activations and a wrong input would go unnoticed)
+    apply = jitted_apply(searchable, train=True)
+    for genotype in (handmade, nas.random_genotype(space, 4)):
+        static = nas_model(genotype)
+        static_variables = subset(variables, jax.eval_shape(static.init, jax.random.key(0), batch["image"]))
+        expected, _ = jitted_apply(static, train=True)(static_variables, batch["image"])
+        actual, _ = apply(variables, batch["image"], genotype.as_array())
+        for task in space.tasks:
+            np.testing.assert_allclose(actual.aux[task], expected.aux[task], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

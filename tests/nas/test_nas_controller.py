@@ -1,5 +1,6 @@
-"""Auxi-NAS controller: every sample is a valid genotype, masks exclude exactly the invalid choices, re-scoring
-reproduces the sampled log-probability and entropy, and sampling is a pure function of the key."""
+"""Auxi-NAS controller: every sample is a valid genotype, masks exclude exactly the invalid choices (the paper's
+cross-task input rule by default, ours as an option), re-scoring reproduces the sampled log-probability and
+entropy, and sampling is a pure function of the key."""
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +16,33 @@ CONTROLLER = nas.Controller(SPACE, hidden_size=32, num_layers=2, embedding_size=
 NUM_SAMPLES = 10_000
 
 
+def may_read(space, task, cell, location):
+    """The cross-task input rule written out (independently of CellSpace.allowed_inputs): a stage, an own earlier
+    cell, or a cell of an earlier task, which under the paper's rule must also be an earlier cell (index < cell)."""
+    if location < len(space.stages):
+        return True
+    other_task, other_cell = divmod(location - len(space.stages), space.cells_per_task)
+    if other_task == task:
+        return other_cell < cell
+    return other_task < task and (space.cross_task_inputs == "all_cells" or other_cell < cell)
+
+
+def expected_valid(space):
+    """bool [positions, vocabulary]: the values each position may take (independently of the controller)."""
+    width = max(space.num_locations, len(nas.OPERATIONS), len(nas.AGGREGATORS))
+    rows = []
+    for task in range(len(space.tasks)):
+        for cell in range(space.cells_per_task):
+            location = [may_read(space, task, cell, value) for value in range(width)]
+            operation = [value < len(nas.OPERATIONS) for value in range(width)]
+            aggregator = [value < len(nas.AGGREGATORS) for value in range(width)]
+            rows += [location, location, operation, operation, aggregator]
+    return np.asarray(rows)
+
+
 def expected_num_choices(space):
-    """Valid values per position, written out from the space (independently of the controller's layout)."""
-    choices = []
-    for task_index in range(len(space.tasks)):
-        for cell_index in range(space.cells_per_task):
-            readable = space.readable_locations(task_index, cell_index)
-            choices += [readable, readable, len(nas.OPERATIONS), len(nas.OPERATIONS), len(nas.AGGREGATORS)]
-    return np.asarray(choices)
+    """Valid values per position."""
+    return expected_valid(space).sum(-1)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +67,9 @@ def samples(params):
 def test_layout_follows_the_space():
     layout = controller_lib.token_layout(SPACE)
     assert layout.kinds.shape == layout.num_choices.shape == (SPACE.sequence_length,) == (60,)
+    np.testing.assert_array_equal(layout.valid, expected_valid(SPACE))
     np.testing.assert_array_equal(layout.num_choices, expected_num_choices(SPACE))
+    assert SPACE.cross_task_inputs == "paper"  # the default
     assert layout.vocabulary_size == SPACE.num_locations == 16
     assert list(layout.kinds[:5]) == [controller_lib.LOCATION] * 2 + [controller_lib.OPERATION] * 2 + [
         controller_lib.AGGREGATOR]
@@ -58,7 +80,9 @@ def test_layout_follows_the_space():
 def test_every_sample_is_a_valid_genotype(samples):
     tokens = samples.tokens
     assert tokens.shape == (NUM_SAMPLES, SPACE.sequence_length) and tokens.dtype == np.int32
-    assert (tokens >= 0).all() and (tokens < expected_num_choices(SPACE)).all()
+    assert (tokens >= 0).all() and (tokens < SPACE.num_locations).all()
+    # no sample ever reads a location the paper's rule forbids (nor makes any other invalid choice)
+    assert expected_valid(SPACE)[np.arange(SPACE.sequence_length), tokens].all()
     for row in tokens[:300]:
         genotype = nas.Genotype.from_sequence(SPACE, row.tolist())
         assert genotype.sequence() == tuple(row.tolist())
@@ -68,16 +92,15 @@ def test_every_sample_is_a_valid_genotype(samples):
 
 def test_untrained_policy_is_close_to_uniform(params, samples):
     probabilities = np.exp(np.asarray(CONTROLLER.log_prob_tables(params, samples.tokens[0])))
-    choices = expected_num_choices(SPACE)
+    choices, valid = expected_num_choices(SPACE), expected_valid(SPACE)
     for position, count in enumerate(choices):
-        np.testing.assert_allclose(probabilities[position, :count], 1.0 / count, atol=0.03)
+        np.testing.assert_allclose(probabilities[position, valid[position]], 1.0 / count, atol=0.03)
     np.testing.assert_allclose(samples.entropy.mean(), np.log(choices).sum(), rtol=1e-3)
 
 
 def test_masks_give_invalid_choices_exactly_zero_probability(skewed_params, samples):
     tables = np.asarray(jax.vmap(CONTROLLER.log_prob_tables, in_axes=(None, 0))(skewed_params, samples.tokens[:64]))
-    choices = expected_num_choices(SPACE)
-    invalid = np.arange(tables.shape[-1])[None, :] >= choices[:, None]
+    invalid = ~expected_valid(SPACE)
     assert np.isneginf(tables[:, invalid]).all()
     assert (np.exp(tables)[:, invalid] == 0.0).all()
     assert np.isfinite(tables[:, ~invalid]).all()
@@ -87,10 +110,12 @@ def test_masks_give_invalid_choices_exactly_zero_probability(skewed_params, samp
 def test_every_choice_of_the_last_cell_occurs(samples):
     """Coverage: over 10,000 samples the last cell of the last task reads every location it may read."""
     tasks, cells = len(SPACE.tasks), SPACE.cells_per_task
-    readable = SPACE.readable_locations(tasks - 1, cells - 1)
+    # stages, cells 0-2 of segmentation (4-6) and depth (8-10), its own cells 0-2 (12-14)
+    assert [value for value in range(SPACE.num_locations) if may_read(SPACE, tasks - 1, cells - 1, value)] == [
+        0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 13, 14]
     last_cell = samples.tokens.reshape(NUM_SAMPLES, tasks, cells, len(nas.TOKENS))[:, -1, -1]
     for column in (0, 1):
-        assert set(last_cell[:, column].tolist()) == set(range(readable))
+        assert set(last_cell[:, column].tolist()) == {0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 13, 14}
     assert set(last_cell[:, 2].tolist()) == set(last_cell[:, 3].tolist()) == set(range(len(nas.OPERATIONS)))
     assert set(last_cell[:, 4].tolist()) == set(range(len(nas.AGGREGATORS)))
 
@@ -154,3 +179,15 @@ def test_default_controller_and_function_api():
     np.testing.assert_allclose([log_prob, entropy], [result.log_prob, result.entropy], rtol=1e-5)
     nas.genotype_from_tokens(SPACE, result.tokens)
     assert hash(controller) == hash(nas.Controller(SPACE))
+
+
+def test_the_wide_rule_samples_what_the_paper_forbids():
+    """``cross_task_inputs='all_cells'`` (ours): the masks open every cell of the earlier tasks; samples use them."""
+    space = nas.CellSpace(SPACE.tasks, SPACE.stages, SPACE.cells_per_task, "all_cells")
+    controller = nas.Controller(space, hidden_size=32, num_layers=2, embedding_size=32)
+    np.testing.assert_array_equal(controller.layout.valid, expected_valid(space))
+    tokens = np.asarray(jax.jit(lambda p, key: controller.sample_batch(p, key, 2000))(
+        controller.init(jax.random.key(0)), jax.random.key(1)).tokens)
+    assert expected_valid(space)[np.arange(space.sequence_length), tokens].all()
+    # depth's first cell reads segmentation's last (location 7) in some samples: the paper forbids that
+    assert (tokens.reshape(2000, 3, 4, 5)[:, 1, 0, :2] == 7).any()

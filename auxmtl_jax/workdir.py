@@ -140,7 +140,7 @@ ADDED_KEYS = {"init_from.base_lr_scale": 1.0, "optimizer.schedule": "poly", "mod
               "search.devices": 0, "optimizer.name": "sgd", "optimizer.step_every_steps": 10_000,
               "optimizer.step_factor": 0.1, "dataset.validation_split": None, "evaluation.reduction": "per_pixel",
               "evaluation.average_last": 1, "evaluation.select_by": "delta_m", "evaluation.report": None,
-              "model.aspp_rates": "paper", "aux.min_head_size": 0}
+              "model.aspp_rates": "paper", "aux.min_head_size": 0, "search.cross_task_inputs": "all_cells"}
 ADDED_KEYS.update({f"weighting.{key}": value
                    for key, value in flatten_config(weighting_lib.DEFAULT_OPTIONS).items()})
 

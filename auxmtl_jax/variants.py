@@ -27,6 +27,13 @@ The variant key `encoder_init=<start>` sets `model.encoder_init` (`scratch`, a w
 experiment's run can train from scratch whatever its base config starts from:
 `encoder=plain_deep,encoder_init=scratch`.
 
+The controls of the mechanism (issue 30) use three more keys: `ds_weight=<w>` sets `deep_supervision.weight` (the
+weight of each stage's head: the DS loss is w times the sum over the encoder's stages); `prior_lr_scale=<f>` sets
+`init_from.base_lr_scale`, the factor on the base lr of a run started from another run (the Prior sets 0.1, so
+`strategy=prior:<run>,prior_lr_scale=1` is a Prior at full lr; `prior` is applied right after the strategy,
+whatever the key order); `lr_factor=<f>` multiplies `optimizer.learning_rate` by f (`strategy=joint,lr_factor=2`
+is Joint at twice the base config's lr; a later `--config.optimizer.learning_rate` / `--set` replaces the product).
+
 Example: `--config=configs/synthetic_three_task.py:strategy=auxi_nas:configs/genotypes/example_three_task.json`.
 """
 
@@ -54,7 +61,11 @@ VARIANT_KEYS = {
     "batch": "batch_size",
     "seed": "seed",
     "weighting": "loss_weighting",
+    "ds_weight": "deep_supervision.weight",
+    "prior_lr_scale": "init_from.base_lr_scale",
 }
+# Keys that multiply a field instead of setting it.
+SCALING_KEYS = {"lr_factor": "optimizer.learning_rate"}
 
 
 def parse_variant(arg: str | None) -> dict[str, str]:
@@ -67,8 +78,8 @@ def parse_variant(arg: str | None) -> dict[str, str]:
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise UserError(f"Config variant {part!r} in {arg!r} is not of the form key=value.")
-        if key not in ("strategy", "prior") and key not in VARIANT_KEYS:
-            allowed = ", ".join(["strategy", "prior", *VARIANT_KEYS])
+        if key not in ("strategy", "prior") and key not in VARIANT_KEYS and key not in SCALING_KEYS:
+            allowed = ", ".join(["strategy", "prior", *VARIANT_KEYS, *SCALING_KEYS])
             raise UserError(f"Unknown config variant key {key!r} in {arg!r}; expected one of: {allowed}.")
         items[key] = value
     return items
@@ -79,10 +90,12 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
     items = parse_variant(arg)
     if "strategy" in items:  # first: a strategy resets the fields the other keys may set
         apply_strategy(config, items.pop("strategy"))
+    if "prior" in items:  # part of the strategy: before the keys that adjust it (prior_lr_scale)
+        apply_prior(config, items.pop("prior"))
+        config.name = f"{config.name}_from_prior"
     for key, value in items.items():
-        if key == "prior":
-            apply_prior(config, value)
-            config.name = f"{config.name}_from_prior"
+        if key in SCALING_KEYS:
+            scale_field(config, SCALING_KEYS[key], value)
         else:
             set_field(config, VARIANT_KEYS[key], value)
     return config
@@ -151,6 +164,21 @@ def set_field(config: ml_collections.ConfigDict, path: str, text: str) -> None:
         node[leaf] = _convert(text, current, path)
     except TypeError as error:  # a typed placeholder refuses the converted value
         raise UserError(f"config.{path}={text!r}: {error}") from None
+
+
+def scale_field(config: ml_collections.ConfigDict, path: str, text: str) -> None:
+    """Multiplies a numeric dotted field by the positive number in `text`."""
+    *parents, leaf = path.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = float("nan")
+    if not factor > 0 or factor == float("inf"):
+        raise UserError(f"Config variant factor on {path}: {text!r}; expected a positive number.")
+    node[leaf] = float(node[leaf]) * factor
 
 
 def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:

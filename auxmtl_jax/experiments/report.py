@@ -1,6 +1,7 @@
 """An experiment's report: every metric as mean ± 95% t half-width over seeds, Δm% in a named convention, one
 line per declared claim on its endpoint (paired test over seeds, verdict by the Holm-adjusted p within its
-family), Δm% differences as secondary lines, Fig. 3 with error bars and a non-circular Fig. 5. Written as
+family; an experiment's gate first, with whether it passed), Δm% differences as secondary lines, Fig. 3 with
+error bars and a non-circular Fig. 5. Written as
 report.md, summary.json and PNGs in the experiment dir; summary.json keeps every metric of every (run, seed), so a
 report re-renders in any convention without the runs.
 """
@@ -21,7 +22,7 @@ from auxmtl_jax import metrics as metrics_lib
 from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import figures
 from auxmtl_jax.experiments import gradients, stats
-from auxmtl_jax.experiments.definitions import DELTA_M, Claim, Experiment
+from auxmtl_jax.experiments.definitions import DELTA_M, GATE, Claim, Experiment
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
@@ -76,6 +77,7 @@ class ClaimResult:
     test: stats.PairedTest  # of first − second on the endpoint, in the metric's own units
     holm_p_value: float  # adjusted within the claim's family of this experiment
     verdict: str
+    family: str = ""  # its Holm family in this experiment: 'gate', 'paper' or 'beyond the paper'
 
     @property
     def difference_in_claimed_direction(self) -> float:
@@ -85,20 +87,42 @@ class ClaimResult:
 
 
 def test_claims(experiment: Experiment, results: Results) -> list[ClaimResult]:
-    """Every claim's paired test on its endpoint; p Holm-adjusted within its family; verdict by the adjusted p."""
+    """Every claim's paired test on its endpoint, the gate's first; p Holm-adjusted within its family (the gate is
+    one); verdict by the adjusted p."""
+    tested = experiment.tested_claims
+    families = [experiment.family(claim) for claim in tested]
     tests = [_paired(experiment, results, claim.first, claim.second, claim.endpoint, comparison.DELTA_M_DEFAULT)
-             for claim in experiment.claims]
+             for claim in tested]
     adjusted = [math.nan] * len(tests)
-    for family in {claim.family for claim in experiment.claims}:
-        members = [i for i, claim in enumerate(experiment.claims) if claim.family == family]
+    for family in set(families):
+        members = [i for i, member in enumerate(families) if member == family]
         for i, p in zip(members, stats.holm_adjusted([tests[i].p_value for i in members])):
             adjusted[i] = p
     claimed = []
-    for claim, test, p in zip(experiment.claims, tests, adjusted):
-        result = ClaimResult(claim, test, p, "")
+    for claim, test, p, family in zip(tested, tests, adjusted, families):
+        result = ClaimResult(claim, test, p, "", family)
         claimed.append(dataclasses.replace(result, verdict=stats.verdict(result.difference_in_claimed_direction,
                                                                            p)))
     return claimed
+
+
+def gate_status(claims: Sequence[ClaimResult]) -> dict | None:
+    """None without gate claims; else whether the gate passed (at least one of its claims holds after Holm within
+    the gate) and its smallest Holm p."""
+    gate = [result for result in claims if result.family == GATE]
+    if not gate:
+        return None
+    p_values = [result.holm_p_value for result in gate if not math.isnan(result.holm_p_value)]
+    return {"passed": any(result.verdict == "holds" for result in gate),
+            "holm_p_value": min(p_values) if p_values else math.nan}
+
+
+def gate_line(status: Mapping) -> str:
+    """'**Gate: passed** (...)' / '**Gate: failed** (...)': what the report's reader needs before the claims."""
+    word = "passed" if status["passed"] else "failed"
+    return (f"**Gate: {word}** (smallest Holm p = {_p(status['holm_p_value'])}; it passes when at least one gate "
+            "claim holds). The claims below are read only if it passed"
+            + ("." if status["passed"] else ": they are printed for the record, not read."))
 
 
 def _scale(metric: str) -> tuple[float, str]:
@@ -182,9 +206,10 @@ def summary(experiment: Experiment, results: Results, claims: Sequence[ClaimResu
         "runs": runs,
         "claims": [{"statement": result.claim.statement, "first": result.claim.first, "second": result.claim.second,
                     "endpoint": result.claim.endpoint, "direction": result.claim.direction,
-                    "source": result.claim.source, "family": result.claim.family, "verdict": result.verdict,
+                    "source": result.claim.source, "family": result.family, "verdict": result.verdict,
                     **dataclasses.asdict(result.test), "holm_p_value": result.holm_p_value} for result in claims],
         "delta_m_differences": delta_m_pairs(experiment, results, convention) if available else [],
+        **({"gate": gate_status(claims)} if experiment.gate else {}),
     }
 
 
@@ -238,7 +263,8 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
              fig5_numbers: Mapping | None, figure_files: Sequence[str]) -> str:
     """The report: setting and conventions, the endpoint table, the claim lines per family, Δm% differences,
     the full metric table, Fig. 5's numbers, the figures."""
-    endpoints = [tuple(key.split("/")) for key in dict.fromkeys(claim.endpoint for claim in experiment.claims)]
+    endpoints = [tuple(key.split("/")) for key in dict.fromkeys(claim.endpoint
+                                                                 for claim in experiment.tested_claims)]
     missing = record["delta_m"]["unavailable"]
     shown = None if missing else convention
     references = ", ".join(f"{task}: {experiment.run(run).label}" for task, run in experiment.singles.items())
@@ -257,11 +283,16 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
              "**not significant** = neither (read the interval for what it excludes).", "",
              "## Endpoints", ""]
     lines += _table(experiment, results, endpoints, shown)
-    for family, title in (("paper", "Claims from the paper"), ("beyond the paper", "Beyond the paper")):
-        members = [result for result in claims if result.claim.family == family]
-        if members:
+    status = gate_status(claims)
+    if status is not None:
+        count = sum(result.family == GATE for result in claims)
+        lines += ["", f"## Gate: the premise, declared and evaluated first ({count} endpoints, one Holm family)", "",
+                  gate_line(status), ""]
+    for family, title in ((GATE, None), ("paper", "Claims from the paper"), ("beyond the paper", "Beyond the paper")):
+        members = [result for result in claims if result.family == family]
+        if members and title:
             lines += ["", f"## {title} ({len(members)} endpoints, one Holm family)", ""]
-            lines += [f"- {claim_line(experiment, result)}" for result in members]
+        lines += [f"- {claim_line(experiment, result)}" for result in members]
     if not missing and record["delta_m_differences"]:
         lines += ["", f"## Δm% differences (secondary, `{convention}`; no verdict)", ""]
     for row in record["delta_m_differences"]:
@@ -280,7 +311,8 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
 
 def claims_table(summaries: Mapping[str, Mapping], family: str = "paper") -> str:
     """One Markdown table of the claims of `family` across experiment summaries {experiment dir name: summary}:
-    claim, endpoint, difference ± 95% t half-width, Holm p (raw p), verdict."""
+    claim, endpoint, difference ± 95% t half-width, Holm p (raw p), verdict ('(gate failed: not read)' added in an
+    experiment whose gate failed)."""
     lines = ["| experiment | claim (source) | difference, first − second | Holm p (raw p) | verdict |",
              "|---|---|---|---|---|"]
     for name, record in summaries.items():
@@ -289,8 +321,9 @@ def claims_table(summaries: Mapping[str, Mapping], family: str = "paper") -> str
                 continue
             metric = claim["endpoint"].split("/")[1]
             difference = format_difference(claim["endpoint"], claim["mean_difference"], claim["half_width"])
+            unread = " (gate failed: not read)" if record.get("gate") and not record["gate"]["passed"] else ""
             lines.append(f"| {name} | {claim['statement']} ({claim['source']}) | {metric} {difference} | "
-                         f"{_p(claim['holm_p_value'])} ({_p(claim['p_value'])}) | {claim['verdict']} |")
+                         f"{_p(claim['holm_p_value'])} ({_p(claim['p_value'])}) | {claim['verdict']}{unread} |")
     return "\n".join(lines) + "\n"
 
 

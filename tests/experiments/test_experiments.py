@@ -481,3 +481,148 @@ def test_the_positive_control_trains_the_plain_encoder_from_scratch_whatever_the
         assert claims[("plain_ds", "plain_joint", task)].family == BEYOND_THE_PAPER  # the gate, its own family
         assert claims[("plain_auxi_both", "plain_joint", task)].source == "paper Sec. 4.2"
         assert claims[("plain_auxi_both", "plain_ds", task)].source == "paper Sec. 4.2"
+
+
+def _flat(config, prefix=""):
+    """{dotted key: value} of a config, for comparing two runs' configs field by field."""
+    flat = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differences(first, second):
+    one, two = _flat(first), _flat(second)
+    return {key for key in one.keys() | two.keys() if one.get(key) != two.get(key)}
+
+
+@pytest.fixture(scope="module")
+def off_task_configs(tmp_path_factory):
+    experiment = EXPERIMENTS["off_task_start"]
+    runs = tmp_path_factory.mktemp("off_task_runs")
+    overrides = ["model.encoder_init=workdirs/encoder_start_normals"]
+    base = runner.base_config(experiment, size="cpu", dataset="synthetic_scenes", overrides=overrides)
+    return {run.name: runner.run_config(experiment, run, 0, base, runs, overrides) for run in experiment.runs}
+
+
+def test_the_off_task_start_holds_the_strategies_runs_its_controls_and_a_gate_declared_first():
+    experiment, strategies = EXPERIMENTS["off_task_start"], EXPERIMENTS["strategies"]
+    assert experiment.runs[:len(strategies.runs)] == strategies.runs  # shared names mean shared configs
+    assert len(experiment.runs) == len(strategies.runs) + 5
+    names = [run.name for run in experiment.runs]
+    for run in experiment.runs:  # dependencies first (check() refuses otherwise)
+        assert all(names.index(needed) < names.index(run.name) for needed in experiment.dependencies(run))
+    assert [(claim.first, claim.second, claim.endpoint, claim.direction) for claim in experiment.gate] == [
+        ("joint", "single_seg", "segmentation/miou", "worse"), ("joint", "single_depth", "depth/abs_err", "worse")]
+    assert {experiment.family(claim) for claim in experiment.gate} == {"gate"}
+    assert experiment.tested_claims[:2] == experiment.gate and not set(experiment.gate) & set(experiment.claims)
+    claims = {(claim.first, claim.second, claim.task): claim for claim in experiment.claims}
+    for first, second, task in (("auxi_seg_from_depth", "prior_depth", "segmentation"),
+                                ("auxi_depth_from_seg", "prior_seg", "depth"), ("kendall", "joint", "depth"),
+                                ("auxi_both", "joint", "segmentation"), ("auxi_both", "ds_depth", "depth")):
+        assert claims[(first, second, task)].family == "paper"
+    for first, second, task in (("auxi_seg_from_depth", "ds_seg_equal_from_depth", "segmentation"),
+                                ("auxi_depth_from_seg", "ds_depth_equal_from_seg", "depth"),
+                                ("auxi_seg_from_depth", "prior_depth_full_lr", "segmentation"),
+                                ("auxi_depth_from_seg", "prior_seg_full_lr", "depth"),
+                                ("auxi_both", "joint_lr2x", "segmentation"), ("auxi_both", "joint_lr2x", "depth")):
+        assert claims[(first, second, task)].family == BEYOND_THE_PAPER
+    with pytest.raises(UserError, match="both gate and claims"):
+        dataclasses.replace(experiment, gate=experiment.gate, claims=experiment.gate).check()
+
+
+def test_the_equal_weight_ds_control_adds_as_much_loss_weight_as_one_aux_module(off_task_configs):
+    for auxi, ds, task in (("auxi_seg_from_depth", "ds_seg_equal_from_depth", "segmentation"),
+                           ("auxi_depth_from_seg", "ds_depth_equal_from_seg", "depth")):
+        auxi, ds = off_task_configs[auxi], off_task_configs[ds]
+        model = training.create_model(ds, num_classes=7)
+        assert model.deep_supervision_tasks == (task,) and ds.aux.tasks == ()
+        # one aux module: aux.weight x one prediction's loss; DS: its weight x the loss of each stage's head
+        assert len(model.stage_names) * ds.deep_supervision.weight == pytest.approx(auxi.aux.weight) == 1.0
+        # from the same Prior (network, lr / 10) as the Auxi run it controls
+        assert (ds.init_from.path, ds.init_from.scope, ds.init_from.base_lr_scale) == (
+            auxi.init_from.path, "network", 0.1)
+        assert _differences(ds, auxi) == {"name", "aux.tasks", "deep_supervision.tasks", "deep_supervision.weight"}
+    assert off_task_configs["ds_seg"].deep_supervision.weight == 0.1  # the paper's DS runs keep their weight
+
+
+def test_the_full_lr_prior_and_the_faster_joint_differ_from_theirs_only_in_the_lr(off_task_configs):
+    from auxmtl_jax.training import state
+
+    def first_lr(name):
+        config = off_task_configs[name]
+        return float(state.run_learning_rate_fn(config, config.num_train_steps)(0))
+
+    for task in ("seg", "depth"):
+        prior, full = off_task_configs[f"prior_{task}"], off_task_configs[f"prior_{task}_full_lr"]
+        assert _differences(prior, full) == {"name", "init_from.base_lr_scale"}
+        assert first_lr(f"prior_{task}_full_lr") == pytest.approx(10 * first_lr(f"prior_{task}"))
+        assert first_lr(f"prior_{task}_full_lr") == pytest.approx(first_lr("joint"))
+    joint, faster = off_task_configs["joint"], off_task_configs["joint_lr2x"]
+    assert _differences(joint, faster) == {"name", "optimizer.learning_rate"}
+    assert faster.optimizer.learning_rate == pytest.approx(2 * joint.optimizer.learning_rate)
+    assert all(config.model.encoder_init == "workdirs/encoder_start_normals" for config in off_task_configs.values())
+
+
+def test_the_off_task_encoder_start_is_the_shared_start_trained_on_normals_only():
+    from auxmtl_configs import synthetic_pretrain, synthetic_pretrain_off_task
+
+    on_task, off_task = synthetic_pretrain.get_config(), synthetic_pretrain_off_task.get_config()
+    training.validate_config(off_task)
+    assert off_task.tasks == ("normal",) and off_task.aux.tasks == () and off_task.init_from.path is None
+    assert _differences(on_task, off_task) == {"name", "tasks"}
+    assert synthetic_pretrain_off_task.get_config("runlocal").dataset.config == "tiny"
+
+
+def test_the_variant_keys_of_the_controls():
+    from auxmtl_configs import synthetic_three_task
+
+    config = synthetic_three_task.get_config("strategy=deep_supervision,ds_weight=0.25,lr_factor=3")
+    assert config.deep_supervision.weight == 0.25 and config.optimizer.learning_rate == pytest.approx(0.15)
+    for variant in ("strategy=joint,prior=/runs/a,prior_lr_scale=1.0", "strategy=joint,prior_lr_scale=1.0,prior=/runs/a"):
+        config = synthetic_three_task.get_config(variant)  # the Prior first, whatever the order
+        assert (config.init_from.path, config.init_from.base_lr_scale) == ("/runs/a", 1.0)
+    for factor in ("0", "-2", "two", "inf"):
+        with pytest.raises(UserError, match="expected a positive number"):
+            synthetic_three_task.get_config(f"lr_factor={factor}")
+
+
+def _gated_experiment(gate):
+    runs = (Run("a", "", "A"), Run("b", "", "B"), Run("c", "", "C"))
+    return Experiment("x", "test", ("depth",), runs, (Claim("a", "c", "depth/abs_err", "A beats C"),),
+                      singles={"depth": "b"}, gate=gate).check()
+
+
+def test_the_report_evaluates_the_gate_first_in_its_own_family_and_says_whether_it_passed(tmp_path):
+    passing = _gated_experiment((Claim("a", "b", "depth/abs_err", "Gate: A beats B"),))
+    written = report.write_report(passing, tmp_path, DEPTH_RESULTS, seeds=[0, 1, 2], setting="a test",
+                                  wall_seconds=0.0)
+    assert {path.name for path in written} == {"summary.json", "report.md"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    gate, claim = summary["claims"]
+    assert (gate["family"], gate["verdict"], claim["family"]) == ("gate", "holds", "paper")
+    assert gate["holm_p_value"] == pytest.approx(gate["p_value"])  # a family of one: not adjusted with A − C
+    assert summary["gate"] == {"passed": True, "holm_p_value": pytest.approx(gate["p_value"])}
+    text = (tmp_path / "report.md").read_text()
+    assert text.index("## Gate") < text.index("- Gate: A beats B") < text.index("## Claims from the paper")
+    assert f"**Gate: passed** (smallest Holm p = {gate['holm_p_value']:.3f}" in text
+    assert "The claims below are read only if it passed." in text
+    assert "(gate failed" not in report.claims_table({"x": summary})
+
+    failing = _gated_experiment((Claim("a", "b", "depth/abs_err", "Gate: A is worse than B", "worse"),
+                                 Claim("b", "c", "depth/abs_err", "Gate: B beats C")))
+    report.write_report(failing, tmp_path, DEPTH_RESULTS, seeds=[0, 1, 2], setting="a test", wall_seconds=0.0)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["gate"]["passed"] is False and [c["verdict"] for c in summary["claims"][:2]] == [
+        "does not hold", "not significant"]
+    text = (tmp_path / "report.md").read_text()
+    assert "**Gate: failed**" in text and "printed for the record, not read" in text
+    assert "| A beats C (paper) | abs_err" in report.claims_table({"x": summary})
+    assert report.claims_table({"x": summary}).rstrip().endswith("(gate failed: not read) |")
+    without = _gated_experiment(())
+    report.write_report(without, tmp_path, DEPTH_RESULTS, seeds=[0, 1, 2], setting="a test", wall_seconds=0.0)
+    assert "gate" not in json.loads((tmp_path / "summary.json").read_text())
+    assert "Gate" not in (tmp_path / "report.md").read_text()

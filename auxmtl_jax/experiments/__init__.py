@@ -30,12 +30,23 @@ def setting_line(experiment: Experiment, size: str, dataset: str, overrides: Seq
     config = runner.base_config(experiment, size=size, dataset=dataset, overrides=overrides)
     device = jax.devices()[0]
     return (f"Size `{size}`: {config.dataset.name}/{config.dataset.config}, tasks {', '.join(config.tasks)}; "
-            f"{config.model.encoder} x{config.model.width_multiplier} {_encoder_start(config)}, "
-            f"aux width {config.aux.channels}; "
+            f"{_networks(experiment, config, overrides)}, aux width {config.aux.channels}; "
             f"{config.num_train_steps} steps of batch {config.batch_size} on {tuple(config.input.crop_size)} crops, "
-            f"SGD lr {config.optimizer.learning_rate} ({config.optimizer.schedule}); "
+            f"{'Adam' if config.optimizer.get('name') == 'adam' else 'SGD'} lr {config.optimizer.learning_rate} "
+            f"({config.optimizer.schedule}); "
             f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
             + (f"; overrides {', '.join(overrides)}" if overrides else ""))
+
+
+def _networks(experiment: Experiment, base, overrides: Sequence[str]) -> str:
+    """The encoder, width and start of the experiment's runs (their variants may change the base config's)."""
+    described = []
+    for run in experiment.runs:
+        config = runner.run_config(experiment, run, 0, base, epath.Path("runs"), overrides)
+        line = f"{config.model.encoder} x{config.model.width_multiplier} {_encoder_start(config)}"
+        if line not in described:
+            described.append(line)
+    return " / ".join(described)
 
 
 def _encoder_start(config) -> str:

@@ -477,8 +477,10 @@ def test_the_positive_control_trains_the_plain_encoder_from_scratch_whatever_the
     assert auxi.aux.tasks == TWO_TASKS and auxi.aux.features == () and auxi.deep_supervision.tasks == ()
     assert configs["plain_single_seg"].tasks == ("segmentation",)
     claims = {(claim.first, claim.second, claim.task): claim for claim in experiment.claims}
+    gate = {(claim.first, claim.second, claim.task): claim for claim in experiment.gate}
+    assert set(gate) == {("plain_ds", "plain_joint", task) for task in TWO_TASKS}  # the gate, its own family
     for task in TWO_TASKS:
-        assert claims[("plain_ds", "plain_joint", task)].family == BEYOND_THE_PAPER  # the gate, its own family
+        assert experiment.family(gate[("plain_ds", "plain_joint", task)]) == "gate"
         assert claims[("plain_auxi_both", "plain_joint", task)].source == "paper Sec. 4.2"
         assert claims[("plain_auxi_both", "plain_ds", task)].source == "paper Sec. 4.2"
 

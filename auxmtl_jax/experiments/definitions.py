@@ -446,6 +446,21 @@ def _off_task_start() -> Experiment:
                       fig5=("joint", "auxi_both"), gate=gate)
 
 
+def _off_task_gate() -> Experiment:
+    """The gate of `off_task_start` alone (Single-seg, Single-depth, Joint: 3 runs per seed, about 6 minutes a seed
+    at the cpu size): read first, because the rest of `off_task_start` is read only if it passes. Run it with the
+    same `--runs_dir` and `--set` as `off_task_start` and the full experiment reuses these runs:
+
+      python -m auxmtl_jax.experiments off_task_gate --workdir=workdirs/exp_off_task_gate --seeds=5 \
+        --runs_dir=workdirs/exp_off_task/runs \
+        --set model.encoder_init=workdirs/encoder_start_normals --set dataset.config=demo_large_test
+    """
+    full = _off_task_start()
+    runs = tuple(full.run(name) for name in ("single_seg", "single_depth", "joint"))
+    return Experiment("off_task_gate", "issue 30: the premise of the off-task start (its gate)", TWO_TASKS, runs,
+                      (), singles=full.singles, gate=full.gate)
+
+
 def variants_experiment(variants: Mapping[str, str], tasks: tuple[str, ...] = THREE_TASKS) -> Experiment:
     """An ad-hoc experiment of config variants {name: variant}: Δm% and the claims are against the first one."""
     if len(variants) < 2:
@@ -462,4 +477,4 @@ def variants_experiment(variants: Mapping[str, str], tasks: tuple[str, ...] = TH
 
 EXPERIMENTS = {experiment.name: experiment.check()
                for experiment in (_strategies(), _decoders(), _aux_architectures(), _three_tasks(), _weightings(),
-                                  _positive_control(), _off_task_start())}
+                                  _positive_control(), _off_task_start(), _off_task_gate())}

@@ -111,8 +111,10 @@ def rewrite_report(workdir: str, *, delta_m: str = comparison.DELTA_M_DEFAULT) -
             raise UserError(f"{root}: no finished runs in {runs} and no {report.SUMMARY_FILE}; expected an "
                             "experiment that has run")
         results, seeds = report.results_from_summary(previous), list(previous["seeds"])
-    setting = previous["setting"] if previous else setting_line(experiment, record["size"], record["dataset"],
-                                                                record["overrides"])
+    if previous and not runs.exists():  # a committed report folder: its runs are elsewhere
+        setting = previous["setting"]
+    else:
+        setting = setting_line(experiment, record["size"], record["dataset"], record["overrides"])
     return report.write_report(experiment, root, results, seeds=seeds, setting=setting, convention=delta_m,
                                runs_dir=runs if runs.exists() else None,
                                wall_seconds=previous["wall_seconds"] if previous and not runs.exists()

@@ -1,6 +1,7 @@
 """A 2-process x 2-device run on 127.0.0.1 (workers: multiprocess_worker.py): one process SIGKILLed mid-run (the
-survivor stops with one line within the heartbeat bound, and the re-run resumes), and one sent SIGTERM (both
-checkpoint at the step they agree on, exit 75, and the re-run resumes); both end where an uninterrupted run ends."""
+survivor stops with one line within the heartbeat bound; under `-m exhaustive` the re-run resumes), and one sent
+SIGTERM (both checkpoint at the step they agree on, exit 75, and the re-run resumes); the re-runs end where an
+uninterrupted run ends."""
 
 import json
 import os
@@ -108,13 +109,19 @@ def assert_same_run(resumed, straight, *, extra_checkpoint=None):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_lost_process_stops_its_peer_with_one_line_and_the_rerun_resumes(straight, data_dir, tmp_path):
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    workdir = tmp_path / "killed"
+def lose_a_process(data_dir, workdir, logs) -> list[str]:
+    """Runs both processes and SIGKILLs process 1 when it asks for batch 5; returns the outputs."""
     # Process 1 is SIGKILLed (no cleanup runs) when it asks for batch 5, right after checkpoint 4 was started.
     codes, outputs = run_processes(data_dir, workdir, logs, at=5, signalled=1, signal_name="KILL")
     assert codes == [coordination.PEER_LOST_EXIT_STATUS, -signal.SIGKILL], log_tails(logs)
+    return outputs
+
+
+def test_a_lost_process_stops_its_peer_with_one_line_keeping_the_last_common_checkpoint(data_dir, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workdir = tmp_path / "killed"
+    outputs = lose_a_process(data_dir, workdir, logs)
     errors = [line for line in outputs[0].splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in outputs[0], outputs[0][-3000:]
     assert errors[0].startswith("error: process 0 of 2 lost process 1: no heartbeat for "), errors
@@ -128,6 +135,13 @@ def test_a_lost_process_stops_its_peer_with_one_line_and_the_rerun_resumes(strai
     assert saved_states == ["process_0-of-2.json", "process_1-of-2.json"]
     assert not (workdir / "results.json").exists()
 
+
+@pytest.mark.exhaustive  # CI re-runs after the SIGTERM stop below (and resumes after kills in one process)
+def test_the_rerun_after_a_lost_process_resumes_to_the_uninterrupted_run(straight, data_dir, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workdir = tmp_path / "killed"
+    lose_a_process(data_dir, workdir, logs)
     codes, _ = run_processes(data_dir, workdir, logs)
     assert codes == [0, 0], log_tails(logs)
     assert_same_run(workdir, straight)

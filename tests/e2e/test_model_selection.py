@@ -111,13 +111,6 @@ def test_a_selected_step_before_the_end_is_tested_from_its_kept_weights(data_dir
     assert record["metrics"] == record["selection"]["test"] != record["final"]["metrics"]
 
 
-def test_per_batch_reduction_is_named_in_results(data_dir, tmp_path):
-    config = tiny_config(data_dir, **{"evaluation.reduction": "per_batch"})
-    record = programs.run(config, str(tmp_path))
-    assert record["reduction"] == "per_batch" and record["report"] == "final"
-    assert results_of(tmp_path)["reduction_description"].startswith("per_batch")
-
-
 @pytest.mark.parametrize("overrides, message", [
     ({"dataset.validation_split": "train[70%:]"},
      r"validation_split='train\[70%:\]' shares example 17 of split 'train' with config.dataset.train_split"),

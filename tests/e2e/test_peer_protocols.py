@@ -72,4 +72,5 @@ def test_libmtl_joint_with_mtan_reporting_on_the_nyuv2_layout(releases, tmp_path
     assert record["metrics"]["normal"]["median"] == pytest.approx(
         (tests[1]["normal/median"] + tests[2]["normal/median"]) / 2, rel=1e-12)
     assert record["reduction"] == "per_batch" and record["selection"]["step"] in (1, 2)
+    assert record["report"] == "last_mean" and record["reduction_description"].startswith("per_batch")
     assert set(record["metrics"]) == {"segmentation", "depth", "normal"} and config.aux.tasks == ()

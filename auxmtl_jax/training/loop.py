@@ -185,7 +185,7 @@ def _report(config, evaluations: _Evaluations, logged: Mapping[str, Mapping[int,
     last_mean = None
     if plan.average_last > 1:
         last_mean = selection_lib.mean_results([tests[step] for step in plan.last_steps])
-    test_read_at = [step for step in tests]
+    test_read_at = list(tests)
     selected = None
     if evaluations.selection is not None and evaluations.selection.best is not None:
         step = evaluations.selection.best[0]
@@ -270,7 +270,7 @@ class _TrainLoop:
             self._record(step, selection_lib.VALIDATION_KIND, results)
             steps = self.checkpointer.all_steps()
             evaluations.selection.after_validation(step, results, main_variables(state), steps[0] if steps else None)
-        if evaluations.plan.reads_test_at(step) or step == self.config.num_train_steps:
+        if evaluations.plan.reads_test_at(step):  # the last step is always one of the last K
             self._record(step, selection_lib.EVAL_KIND, evaluations.test(state))
 
     def _record(self, step: int, kind: str, results: dict) -> None:

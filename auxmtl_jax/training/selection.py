@@ -182,11 +182,6 @@ def unflatten_results(record: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return results
 
 
-def logged_evaluations(records: Sequence[Mapping[str, Any]], kind: str) -> dict[int, dict]:
-    """{step: results} of the `kind` evaluation lines of metrics.jsonl (the last line of a step wins)."""
-    return {int(record["step"]): unflatten_results(record) for record in records if record.get("kind") == kind}
-
-
 class Selection:
     """Tracks the best validation evaluation and keeps `main` of its step in WORKDIR/selected_checkpoints.
 

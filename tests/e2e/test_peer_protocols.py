@@ -3,16 +3,13 @@ layouts (mtan's NYUv2 .npy folders, mtan's Cityscapes .npy folders), built by ou
 
 These replace the synthetic-data runs of the same configs in test_configs (CI trains each config once)."""
 
-import json
-
 import pytest
-from etils import epath
 
 from auxmtl_jax import programs
-from auxmtl_jax import workdir as workdir_lib
 from test_cityscapes import _write_release as write_cityscapes_release
 from test_configs import get_config
 from test_nyu_v2 import _write_mtan as write_mtan_nyuv2
+from test_train import logged
 
 pytestmark = pytest.mark.slow
 PEER_LAYOUT_CONFIGS = ("libmtl_nyuv2", "libmtl_cityscapes", "cityscapes_two_task")
@@ -35,11 +32,6 @@ def on_fake_release(config, releases):
     config.dataset.prepare = True
     config.analysis.figures = False
     return config
-
-
-def logged(workdir, kind):
-    lines = [json.loads(line) for line in (epath.Path(workdir) / workdir_lib.METRICS_FILE).read_text().splitlines()]
-    return {line["step"]: line for line in lines if line["kind"] == kind}
 
 
 # CI trains cityscapes_two_task here and libmtl_nyuv2 in the test below (the same protocol as libmtl_cityscapes).

@@ -61,6 +61,7 @@ def test_at_the_time_limit_it_writes_the_partial_report_and_exits_124(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # two minutes of compiling; run it (-m exhaustive) before lending time on a GPU
 def test_tiny_gpu_check_on_cpu(tmp_path):
     wheel = make_wheel(tmp_path / "wheels")
     out = tmp_path / "out"

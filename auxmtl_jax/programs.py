@@ -1,7 +1,7 @@
 """The programs `run.py` chooses from: a name -> program registry (scenic's trainer-registry pattern).
 
 `train` trains and evaluates one run; `sweep` trains every run of `config.runs` into WORKDIR/<name> and writes
-their comparison table; `search` runs an Auxi-NAS search. `run(config, workdir)` picks the program the config
+their comparison table; `search` runs an Auxi-NAS search (and re-scores its best genotypes). `run(config, workdir)` picks the program the config
 asks for (`program_name`), runs it and then draws its figures; re-running the same command resumes.
 """
 
@@ -24,6 +24,7 @@ from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.analysis import figures, images, search_plot
 from auxmtl_jax.augment import model_input
 from auxmtl_jax.errors import UserError
+from auxmtl_jax.nas import rescore as rescore_lib
 from auxmtl_jax.nas import search as search_lib
 from auxmtl_jax.training import checks, loop
 from auxmtl_jax.training.state import main_variables
@@ -71,8 +72,10 @@ def sweep(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
 
 
 def search(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
-    """An Auxi-NAS search (or its resumption): the best candidate's record; the search figures after it."""
+    """An Auxi-NAS search (or its resumption): the best candidate's record; then the re-scoring of its top
+    genotypes under other seeds (`search.rescore`) and the search figures."""
     best = search_lib.run_search(config, workdir)
+    rescore_lib.run_rescore(config, workdir)
     if jax.process_index() == 0:
         for path in search_plot.write_search_figures(workdir):
             log.info("wrote %s", path)

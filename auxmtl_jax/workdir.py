@@ -48,7 +48,7 @@ RESUMABLE_KEYS = (
     "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
     "input.num_workers", "input.num_threads", "dataset.data_dir", "dataset.manual_dir", "dataset.prepare",
     "analysis.figures", "distributed.", "runs", "num_devices", "reference_results", "accept_changed_keys",
-    CONFIG_CHANGES_KEY,
+    "search.rescore.", CONFIG_CHANGES_KEY,
 )
 
 

@@ -10,6 +10,14 @@ Writes WORKDIR/search.jsonl and WORKDIR/best_genotype.json; re-running resumes. 
   python run.py --config=configs/synthetic_three_task.py:strategy=auxi_nas:workdirs/nas_search/best_genotype.json \
     --workdir=workdirs/demo_nas_best
   python run.py --config=configs/nas_search.py:runlocal --workdir=/tmp/nas_smoke   # seconds
+
+`:evaluation` searches in the setting the `nas_evidence` experiment then trains the genotypes in (issue 30): the
+experiments' cpu network unchanged (MobileNetV2 x0.5, the Baseline decoder at output stride 8, 64x80 crops, the
+aux modules' four stages), two tasks, the encoder start given with --config.model.encoder_init; only the schedule
+is shorter (80 of the 400 steps) and the candidates fewer (40, about 50 min on 2 cores):
+
+  python run.py --config=configs/nas_search.py:evaluation --workdir=workdirs/nas_search_evaluation \
+    --config.model.encoder_init=workdirs/encoder_start_normals --config.dataset.config=demo_large_test
 """
 
 import ml_collections
@@ -18,22 +26,32 @@ from auxmtl_configs import common
 from auxmtl_configs import synthetic_three_task
 
 
+EVALUATION = "evaluation"
+EVALUATION_TASKS = ("segmentation", "depth")
+
+
 def get_config(arg=None):
-    """The demo network and data with a `search` group; `arg` may start with `runlocal` (tiny, seconds)."""
+    """The demo network and data with a `search` group; `arg` may start with `runlocal` (tiny, seconds), and may be
+    `evaluation` (the nas_evidence experiment's setting) or a variant string of the demo config."""
     runlocal, arg = common.split_runlocal(arg)
-    config = synthetic_three_task.get_config(arg)
+    evaluation = arg == EVALUATION
+    config = synthetic_three_task.get_config("decoder=baseline" if evaluation else arg)
     config.name = "nas_search"
     config.runs = None
     config.analysis.figures = False
     config.analysis.grad_log_every_steps = 0
 
-    # The proxy network a candidate is trained in: narrower and smaller than the demo network the searched
-    # genotype is then trained in (the genotype does not depend on widths or sizes).
-    config.model.width_multiplier = 0.25
-    config.model.head_channels = 16
-    config.aux.channels = 16
-    config.input.crop_size = (48, 64)
-    config.input.eval_size = (48, 64)
+    if evaluation:
+        # The network, data and crops of the runs the genotype is evaluated in (configs/experiments.py, size cpu).
+        config.tasks = EVALUATION_TASKS
+    else:
+        # The proxy network a candidate is trained in: narrower and smaller than the demo network the searched
+        # genotype is then trained in (the genotype does not depend on widths or sizes).
+        config.model.width_multiplier = 0.25
+        config.model.head_channels = 16
+        config.aux.channels = 16
+        config.input.crop_size = (48, 64)
+        config.input.eval_size = (48, 64)
 
     config.search = ml_collections.ConfigDict()
     config.search.tasks = ()  # () = config.tasks
@@ -50,13 +68,20 @@ def get_config(arg=None):
     config.search.termination_fraction = 0.9  # survive with >= 0.9 x running mean of first-stage rewards
     config.search.polyak_decay = 0.9
     config.search.controller = ml_collections.ConfigDict({"hidden_size": 100, "num_layers": 2})
+    # After the search: its `top` best genotypes trained again under each of `seeds` (WORKDIR/rescore.json; rank
+    # stability). Changing it on a finished search re-scores without searching again.
+    config.search.rescore = ml_collections.ConfigDict({"top": 3, "seeds": (1,)})
     config.search.ppo = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "clip_epsilon": 0.1, "entropy_weight": 1e-4, "baseline_decay": 0.95,
         "epochs": 1, "buffer_size": 100, "minibatch_size": 1, "max_grad_norm": 2.0})
+    if evaluation:
+        config.search.num_candidates = 40
+        config.search.steps = (40, 40)
     if runlocal:
         common.make_runlocal(config)
         config.dataset.config = "tiny"
         config.search.num_candidates = 4
         config.search.population = 2
         config.search.steps = (2, 1)
+        config.search.rescore.top = 0
     return config

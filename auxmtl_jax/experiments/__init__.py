@@ -20,8 +20,10 @@ from auxmtl_jax import comparison
 from auxmtl_jax.training.state import encoder_start
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.experiments import report, runner
-from auxmtl_jax.experiments.definitions import EXPERIMENTS, Claim, Experiment, Run, variants_experiment
+from auxmtl_jax.experiments.definitions import PAPER_EXPERIMENTS, Claim, Experiment, Run, variants_experiment
+from auxmtl_jax.experiments.premise import PREMISE_EXPERIMENTS
 
+EXPERIMENTS = {**PAPER_EXPERIMENTS, **PREMISE_EXPERIMENTS}  # every named experiment, by name
 __all__ = ["EXPERIMENTS", "Claim", "Experiment", "Run", "rewrite_report", "run_and_report", "setting_line"]
 
 

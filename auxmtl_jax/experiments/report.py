@@ -146,7 +146,10 @@ def format_difference(endpoint: str, mean: float, half_width: float) -> str:
 
 
 def _p(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
+    """Three decimals; a p that would print as 0.000 prints as < 0.001."""
+    if math.isnan(value):
+        return "n/a"
+    return "< 0.001" if value < 0.0005 else f"{value:.3f}"
 
 
 def claim_line(experiment: Experiment, result: ClaimResult) -> str:
@@ -276,8 +279,8 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
              f"the same seed ({references})." + (f" Not computable here ({missing}): the Δm% column shows –."
                                                  if missing else ""),
              f"- Every cell and difference is the mean {INTERVAL_NOTE}.",
-             "- Claims were declared before the runs (`experiments/definitions.py`), each on the endpoint its source "
-             "names, in the direction the source reports. Paired two-sided t-test over seeds; the verdict follows "
+             "- Claims were declared before the runs (`experiments/definitions.py`, `premise.py`), each on the "
+             "endpoint its source names, in the direction the source reports. Paired two-sided t-test over seeds; the verdict follows "
              "the Holm-adjusted p within the claim's family (the paper's claims; those beyond the paper), α = 0.05: "
              "**holds** = significant in the claimed direction, **does not hold** = significant against it, "
              "**not significant** = neither (read the interval for what it excludes).", "",

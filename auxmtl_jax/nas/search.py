@@ -124,7 +124,25 @@ def validate_search_config(config) -> ppo_lib.PPOConfig:
         raise UserError(f"search.population={search.population} exceeds search.ppo.buffer_size="
                          f"{settings.buffer_size}: a generation's candidates must fit the PPO buffer")
     meta_splits(config)
+    rescore_settings(config)
     return settings
+
+
+def rescore_settings(config) -> tuple[int, tuple[int, ...]]:
+    """(top, seeds) of ``config.search.rescore`` (top 0 = no re-scoring), checked before any work."""
+    settings = config.search.get("rescore")
+    if not settings:
+        return 0, ()
+    top, seeds = settings.get("top", 0), tuple(settings.get("seeds", ()))
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise UserError(f"search.rescore.top={top!r}; expected a non-negative integer (0 = no re-scoring)")
+    if (not seeds and top) or any(isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 for seed in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"search.rescore.seeds={seeds!r}; expected distinct non-negative integers")
+    if config.seed in seeds:
+        raise UserError(f"search.rescore.seeds={seeds!r} holds the search's own seed {config.seed}; expected other "
+                        "seeds (the search's reward under its seed is already in search.jsonl)")
+    return top, seeds
 
 
 @dataclasses.dataclass
@@ -183,7 +201,7 @@ def prepare_search(config) -> SearchSetup:
                        meta_train_cfg, meta_val, dataset.num_classes, ppo_settings, mesh)
 
 
-def _score(search: SearchSetup, population: population_lib.PopulationState) -> list[tuple[float, dict]]:
+def score_population(search: SearchSetup, population: population_lib.PopulationState) -> list[tuple[float, dict]]:
     """(reward, metrics) of every candidate on the whole meta-val split."""
     count = population.active.shape[0]
     states = search.place(population_lib.empty_metric_states(tuple(search.config.tasks), search.num_classes, count))
@@ -196,7 +214,7 @@ def _score(search: SearchSetup, population: population_lib.PopulationState) -> l
     return results
 
 
-def _train(search: SearchSetup, population, batches, steps: int, *, generation: int, first_step: int):
+def train_population(search: SearchSetup, population, batches, steps: int, *, generation: int, first_step: int):
     """`steps` population steps; a preemption stops the search between two of them (the generation in progress
     is discarded: the search checkpoints whole generations, and re-running it repeats this one exactly)."""
     for index in range(steps):
@@ -224,17 +242,17 @@ def run_generation(search: SearchSetup, ppo_state: ppo_lib.PPOState, generation:
     batches = input_pipeline.create_train_iterator(search.meta_train, search.config.input,
                                                    tasks=tuple(search.config.tasks),
                                                    global_batch_size=search.config.batch_size, seed=search.config.seed)
-    population = _train(search, population, batches, config.steps[0], generation=generation, first_step=0)
-    first = _score(search, population)
+    population = train_population(search, population, batches, config.steps[0], generation=generation, first_step=0)
+    first = score_population(search, population)
     first_rewards = np.asarray([reward for reward, _ in first])
     threshold = config.termination_fraction * reference if math.isfinite(reference) else -math.inf
     survivors = first_rewards >= threshold
     final = first
     if config.steps[1] > 0 and survivors.any():
         population = population.replace(active=search.place(jnp.asarray(survivors)))
-        population = _train(search, population, batches, config.steps[1], generation=generation,
+        population = train_population(search, population, batches, config.steps[1], generation=generation,
                             first_step=config.steps[0])
-        second = _score(search, population)
+        second = score_population(search, population)
         final = [second[index] if survivors[index] else first[index] for index in range(len(first))]
     batches.close()
     seconds = (time.perf_counter() - started) / len(genotypes)

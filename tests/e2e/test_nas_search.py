@@ -16,6 +16,7 @@ from auxmtl_jax import nas
 from auxmtl_jax import programs
 from auxmtl_jax.analysis import plot, search_plot
 from auxmtl_jax.nas import population as population_lib
+from auxmtl_jax.nas import rescore as rescore_lib
 from auxmtl_jax.nas import search as search_lib
 from auxmtl_jax.training import preemption
 
@@ -80,6 +81,36 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     with pytest.raises(SystemExit, match="^1$"):
         plot.main(["search", str(tmp_path / "nowhere")])
 
+    # re-scoring trains from the seed's start on the search's batches: under the search's own seed it reproduces
+    # the reward of every fully trained candidate
+    full = [line for line in lines if line["steps_trained"] == 3][:2]
+    config = search_config(data_dir)
+    again = rescore_lib.score_under_seed(config, [line["genotype"] for line in full], seed=config.seed)
+    assert again == pytest.approx([line["reward"] for line in full], rel=1e-4)
+    # the finished search re-run with `search.rescore` set: nothing is searched again, the top 2 distinct genotypes
+    # are scored under seed 1 and ranked; a re-run with a second seed scores only that one
+    scored = []
+
+    def fake_score(config, genotypes, seed):
+        scored.append(seed)
+        return [0.1 * seed * (index + 1) for index in range(len(genotypes))]  # the search's order reversed
+
+    monkeypatch.setattr(rescore_lib, "score_under_seed", fake_score)
+    config.search.rescore.top, config.search.rescore.seeds = 2, (1,)
+    programs.run(config, str(straight))
+    assert len((straight / search_lib.SEARCH_LOG).read_text().splitlines()) == 4 and scored == [1]
+    result = json.loads((straight / rescore_lib.RESCORE_FILE).read_text())
+    ranked = sorted(lines, key=lambda line: -line["reward"])
+    assert [entry["reward"] for entry in result["genotypes"]] == [ranked[0]["reward"], ranked[1]["reward"]]
+    assert result["genotypes"][0]["genotype"] == best["genotype"]
+    assert [entry["rewards"]["1"] for entry in result["genotypes"]] == pytest.approx([0.1, 0.2])
+    assert result["by_seed"]["1"] == {"ranks": [2, 1], "search_best_still_first": False, "order_kept": False}
+    config.search.rescore.seeds = (1, 2)
+    programs.run(config, str(straight))
+    assert scored == [1, 2]
+    assert json.loads((straight / rescore_lib.RESCORE_FILE).read_text())["by_seed"]["2"]["ranks"] == [2, 1]
+    monkeypatch.undo()
+
     # sent SIGTERM during the second generation (after the first one's checkpoint): the search stops at its next
     # population step, that generation discarded, and the re-run samples the same genotypes
     assert threading.current_thread() is threading.main_thread()  # where signal handlers run
@@ -112,6 +143,9 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     ("devices", 5, r"search\.devices=5; expected 0 \(every local device\) up to the 4 local device"),
     ("ppo.clip", 0.2, r"search\.ppo: unknown field\(s\) \['clip'\]"),
     ("ppo.epochs", 0, r"search\.ppo: PPOConfig: .*epochs must be >= 1"),
+    ("rescore.top", -1, r"search\.rescore\.top=-1; expected a non-negative integer"),
+    ("rescore.seeds", (1, 1), r"search\.rescore\.seeds=\(1, 1\); expected distinct"),
+    ("rescore.seeds", (0,), r"search\.rescore\.seeds=\(0,\) holds the search's own seed 0"),
 ])
 def test_bad_search_settings_fail_before_anything_is_written(field, value, message, data_dir, tmp_path):
     config = search_config(data_dir)

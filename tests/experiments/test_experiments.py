@@ -53,6 +53,11 @@ def test_the_verdict_follows_the_adjusted_p_and_the_claimed_direction():
     assert stats.verdict(+0.5, math.nan) == "not significant"
 
 
+def test_a_p_value_never_prints_as_zero():
+    assert [report._p(value) for value in (0.0001, 0.0004999, 0.0005, 0.0123, math.nan)] == [
+        "< 0.001", "< 0.001", "0.001", "0.012", "n/a"]
+
+
 def test_paired_test_without_spread_or_pairs_has_no_p():
     assert math.isnan(stats.paired_test([2.0, 3.0], [1.0, 2.0]).p_value)  # every difference equal
     assert math.isnan(stats.paired_test([2.0], [1.0]).p_value)
@@ -577,6 +582,38 @@ def test_the_off_task_encoder_start_is_the_shared_start_trained_on_normals_only(
     assert off_task.tasks == ("normal",) and off_task.aux.tasks == () and off_task.init_from.path is None
     assert _differences(on_task, off_task) == {"name", "tasks"}
     assert synthetic_pretrain_off_task.get_config("runlocal").dataset.config == "tiny"
+
+
+def test_nas_evidence_searches_and_evaluates_in_one_setting_and_compares_genotypes_of_one_space(tmp_path):
+    from auxmtl_configs import nas_search
+    from auxmtl_jax.experiments import premise
+    from auxmtl_jax.models.genotype import load_genotype
+    from auxmtl_jax.nas import search as search_lib
+
+    experiment, off_task = EXPERIMENTS["nas_evidence"], EXPERIMENTS["off_task_start"]
+    for name in ("single_seg", "single_depth", "joint", "auxi_both"):  # shared runs: same names, same variants
+        assert experiment.run(name) == off_task.run(name)
+    assert experiment.gate == off_task.gate and experiment.singles == off_task.singles
+    overrides = ["model.encoder_init=workdirs/encoder_start_normals", "dataset.config=demo_large_test"]
+    base = runner.base_config(experiment, size="cpu", dataset="synthetic_scenes", overrides=overrides)
+    evaluated = runner.run_config(experiment, experiment.run("auxi_nas_searched"), 0, base, tmp_path, overrides)
+    searched = runner.apply_overrides(nas_search.get_config("evaluation"), overrides)
+    # the search proxy is the evaluation's network, crops, data, start and lr: it differs in its `search` group
+    # (whose `steps` replace num_train_steps) and logging, and takes its cells' stages from aux.features, which
+    # an Auxi-NAS run reads from its genotype instead
+    different = {key for key in _differences(searched, evaluated) if not key.startswith("search.")}
+    assert different == {"name", "progress_bar", "analysis.grad_log_every_steps", "aux.features", "aux.genotype"}
+    auxi_all = runner.run_config(experiment, experiment.run("auxi_both"), 0, base, tmp_path, overrides)
+    assert searched.aux.features == auxi_all.aux.features == searched.search.stages
+    space = search_lib.search_space(searched, tuple(searched.aux.features))
+    assert space.cross_task_inputs == "paper" and space.tasks == experiment.tasks
+    for path in premise.RANDOM_GENOTYPES:  # drawn from the space the search samples
+        assert load_genotype(path).space == space
+    assert len({load_genotype(path) for path in premise.RANDOM_GENOTYPES}) == 3
+    claims = {(claim.first, claim.second, claim.task): claim.family for claim in experiment.claims}
+    assert claims[("auxi_nas_searched", "joint", "segmentation")] == "paper"
+    assert all(claims[("auxi_nas_searched", f"auxi_nas_random{seed}", task)] == BEYOND_THE_PAPER
+               for seed in range(3) for task in experiment.tasks)
 
 
 def test_the_variant_keys_of_the_controls():

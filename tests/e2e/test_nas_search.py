@@ -106,7 +106,7 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     assert [entry["rewards"]["1"] for entry in result["genotypes"]] == pytest.approx([0.1, 0.2])
     assert result["by_seed"]["1"] == {"ranks": [2, 1], "search_best_still_first": False, "order_kept": False}
     config.search.rescore.seeds = (1, 2)
-    programs.run(config, str(straight))
+    rescore_lib.run_rescore(config, straight)  # what the program calls after the search
     assert scored == [1, 2]
     assert json.loads((straight / rescore_lib.RESCORE_FILE).read_text())["by_seed"]["2"]["ranks"] == [2, 1]
     monkeypatch.undo()

@@ -584,6 +584,14 @@ def test_the_off_task_encoder_start_is_the_shared_start_trained_on_normals_only(
     assert synthetic_pretrain_off_task.get_config("runlocal").dataset.config == "tiny"
 
 
+def test_the_small_data_variant_is_the_off_task_gate_and_auxi_both_under_the_same_claims():
+    small, full = EXPERIMENTS["off_task_small_data"], EXPERIMENTS["off_task_start"]
+    assert [run.name for run in small.runs] == ["single_seg", "single_depth", "joint", "auxi_both"]
+    assert all(run == full.run(run.name) for run in small.runs) and small.gate == full.gate
+    assert set(small.claims) <= {dataclasses.replace(claim, statement=claim.statement.replace(
+        "Auxi-both beats Joint", "Auxi-both beats Joint on 15% of the scenes")) for claim in full.claims}
+
+
 def test_nas_evidence_searches_and_evaluates_in_one_setting_and_compares_genotypes_of_one_space(tmp_path):
     from auxmtl_configs import nas_search
     from auxmtl_jax.experiments import premise

@@ -28,6 +28,7 @@ from auxmtl_jax.nas import search as search_lib
 
 log = logging.getLogger("auxmtl_jax")
 RESCORE_FILE = "rescore.json"
+SUMMARY_FILE = "search_summary.md"  # the search and its re-scoring in numbers, for a report
 
 
 def read_search_log(workdir) -> list[dict]:
@@ -125,6 +126,7 @@ def run_rescore(config, workdir) -> dict | None:
               "genotypes": entries, "by_seed": summarise(entries, seeds)}
     if jax.process_index() == 0:
         workdir_lib.write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+        workdir_lib.write_text_atomic(workdir / SUMMARY_FILE, summary_markdown(read_search_log(workdir), result))
     log.info("re-scored the search's top %d genotypes (WORKDIR/%s):\n%s", len(chosen), RESCORE_FILE,
              format_rescore(result))
     return result
@@ -142,3 +144,25 @@ def format_rescore(result: Mapping) -> str:
         lines.append(f"| {entry['search_rank']} | {entry['candidate']} | {entry['reward']:.4f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary_markdown(records: Sequence[Mapping], result: Mapping) -> str:
+    """The search in numbers (candidates, early stops, rewards, where the best came from, the mean reward per
+    quarter of the search) and the re-scoring table, each line with its figures."""
+    rewards = np.asarray([record["reward"] for record in records])
+    best = max(records, key=lambda record: record["reward"])
+    quarters = [float(part.mean()) for part in np.array_split(rewards, 4) if part.size]
+    stopped = sum(record["early_terminated"] for record in records)
+    lines = [
+        f"- {len(records)} candidates, {stopped} stopped after the first stage; about "
+        f"{sum(record['seconds'] for record in records) / 60:.0f} min of training and scoring.",
+        f"- Rewards {rewards.min():.4f} to {rewards.max():.4f} (median {np.median(rewards):.4f}); the best is "
+        f"candidate {best['candidate']} (generation {best['generation']}).",
+        "- Mean reward per quarter of the search, in order: " + ", ".join(f"{value:.4f}" for value in quarters) + ".",
+        "",
+        format_rescore(result),
+    ]
+    for seed, summary in result["by_seed"].items():
+        lines.append(f"\n- Seed {seed}: the search's best is {'still' if summary['search_best_still_first'] else 'not'}"
+                     f" ranked first; ranks in the search's order: {summary['ranks']}.")
+    return "\n".join(lines) + "\n"

@@ -105,6 +105,9 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     assert result["genotypes"][0]["genotype"] == best["genotype"]
     assert [entry["rewards"]["1"] for entry in result["genotypes"]] == pytest.approx([0.1, 0.2])
     assert result["by_seed"]["1"] == {"ranks": [2, 1], "search_best_still_first": False, "order_kept": False}
+    summary = (straight / rescore_lib.SUMMARY_FILE).read_text()
+    assert "- 4 candidates," in summary and f"the best is candidate {best['candidate']}" in summary
+    assert "| 1 | " in summary and "0.1000 (2)" in summary and "search's best is not ranked first" in summary
     config.search.rescore.seeds = (1, 2)
     rescore_lib.run_rescore(config, straight)  # what the program calls after the search
     assert scored == [1, 2]

@@ -25,6 +25,7 @@ from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.models.genotype import genotype_from_json_dict
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import search as search_lib
+from auxmtl_jax.training import preemption
 
 log = logging.getLogger("auxmtl_jax")
 RESCORE_FILE = "rescore.json"
@@ -77,6 +78,9 @@ def score_under_seed(config, genotypes: Sequence[Mapping], seed: int) -> list[fl
                                                        global_batch_size=seed_config.batch_size, seed=seed)
         try:
             population = search_lib.train_population(search, population, batches, steps, generation=0, first_step=0)
+        except preemption.Preempted as stopped:
+            raise preemption.Preempted(f"{preemption.signal_name()}: stopped re-scoring under seed {seed}; re-run the "
+                                       "same command to re-score the seeds not yet in rescore.json", stopped.step)
         finally:
             batches.close()
         rewards += [reward for reward, _ in search_lib.score_population(search, population)[:len(group)]]
@@ -111,24 +115,32 @@ def run_rescore(config, workdir) -> dict | None:
     workdir = epath.Path(workdir)
     path = workdir / RESCORE_FILE
     chosen = top_genotypes(read_search_log(workdir), top)
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    same = [entry["genotype"] for entry in saved.get("genotypes", ())] == [entry["genotype"] for entry in chosen]
-    done = {seed: [entry["rewards"][str(seed)] for entry in saved["genotypes"]]
-            for seed in seeds if same and all(str(seed) in entry["rewards"] for entry in saved["genotypes"])}
+    saved = json.loads(path.read_text()).get("genotypes", []) if path.exists() else []
+    same = [entry["genotype"] for entry in saved] == [entry["genotype"] for entry in chosen]
+    done = {seed: [entry["rewards"][str(seed)] for entry in saved]
+            for seed in seeds if same and saved and all(str(seed) in entry["rewards"] for entry in saved)}
     for seed in seeds:
         if seed not in done:
             log.info("re-scoring the search's top %d genotypes under seed %d", len(chosen), seed)
             done[seed] = score_under_seed(config, [entry["genotype"] for entry in chosen], seed)
+            _write_result(config, workdir, chosen, done)  # a later seed's preemption keeps this one
+    result = _write_result(config, workdir, chosen, {seed: done[seed] for seed in seeds})
+    log.info("re-scored the search's top %d genotypes (WORKDIR/%s):\n%s", len(chosen), RESCORE_FILE,
+             format_rescore(result))
+    return result
+
+
+def _write_result(config, workdir: epath.Path, chosen: Sequence[Mapping], done: Mapping[int, list]) -> dict:
+    """rescore.json and search_summary.md for the seeds scored so far ({seed: rewards}, in that order)."""
+    seeds = list(done)
     entries = [{**entry, "search_rank": index + 1,
                 "rewards": {str(seed): float(done[seed][index]) for seed in seeds}}
                for index, entry in enumerate(chosen)]
-    result = {"search_seed": config.seed, "seeds": list(seeds), "steps": sum(config.search.steps),
+    result = {"search_seed": config.seed, "seeds": seeds, "steps": sum(config.search.steps),
               "genotypes": entries, "by_seed": summarise(entries, seeds)}
     if jax.process_index() == 0:
-        workdir_lib.write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+        workdir_lib.write_text_atomic(workdir / RESCORE_FILE, json.dumps(result, indent=1) + "\n")
         workdir_lib.write_text_atomic(workdir / SUMMARY_FILE, summary_markdown(read_search_log(workdir), result))
-    log.info("re-scored the search's top %d genotypes (WORKDIR/%s):\n%s", len(chosen), RESCORE_FILE,
-             format_rescore(result))
     return result
 
 

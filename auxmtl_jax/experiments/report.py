@@ -120,7 +120,7 @@ def gate_status(claims: Sequence[ClaimResult]) -> dict | None:
 def gate_line(status: Mapping) -> str:
     """'**Gate: passed** (...)' / '**Gate: failed** (...)': what the report's reader needs before the claims."""
     word = "passed" if status["passed"] else "failed"
-    return (f"**Gate: {word}** (smallest Holm p = {_p(status['holm_p_value'])}; it passes when at least one gate "
+    return (f"**Gate: {word}** (smallest Holm p {_p_equals(status['holm_p_value'])}; it passes when at least one gate "
             "claim holds). The claims below are read only if it passed"
             + ("." if status["passed"] else ": they are printed for the record, not read."))
 
@@ -145,6 +145,12 @@ def format_difference(endpoint: str, mean: float, half_width: float) -> str:
     return f"{mean * scale:+.{digits}f} ± {half}{unit}"
 
 
+def _p_equals(value: float) -> str:
+    """'= 0.012', or '< 0.001' for a p that would print as 0.000 (after 'p' in a sentence)."""
+    text = _p(value)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def _p(value: float) -> str:
     """Three decimals; a p that would print as 0.000 prints as < 0.001."""
     if math.isnan(value):
@@ -156,8 +162,8 @@ def claim_line(experiment: Experiment, result: ClaimResult) -> str:
     claim, test = result.claim, result.test
     first, second = experiment.run(claim.first).label, experiment.run(claim.second).label
     task, metric = claim.endpoint.split("/")
-    return (f"{claim.statement} ({claim.source}) — **{result.verdict}** (Holm p = {_p(result.holm_p_value)}; "
-            f"raw p = {_p(test.p_value)}): {task} {metric} of {first} − {second} = "
+    return (f"{claim.statement} ({claim.source}) — **{result.verdict}** (Holm p {_p_equals(result.holm_p_value)}; "
+            f"raw p {_p_equals(test.p_value)}): {task} {metric} of {first} − {second} = "
             f"{format_difference(claim.endpoint, test.mean_difference, test.half_width)} (95% t half-width, "
             f"{test.pairs} paired seeds)")
 
@@ -301,7 +307,7 @@ def markdown(experiment: Experiment, results: Results, claims: Sequence[ClaimRes
     for row in record["delta_m_differences"]:
         first, second = experiment.run(row["first"]).label, experiment.run(row["second"]).label
         half = "n/a" if math.isnan(row["half_width"]) else f"{row['half_width']:.2f}"
-        lines.append(f"- {first} − {second}: {row['mean_difference']:+.2f} ± {half} (raw p = {_p(row['p_value'])})")
+        lines.append(f"- {first} − {second}: {row['mean_difference']:+.2f} ± {half} (raw p {_p_equals(row['p_value'])})")
     lines += ["", "## Every metric", ""] + _table(experiment, results, metric_columns(experiment, results), shown)
     if fig5_numbers:
         labels = tuple(experiment.run(name).label for name in experiment.fig5)

@@ -274,6 +274,14 @@ def run_generation(search: SearchSetup, ppo_state: ppo_lib.PPOState, generation:
 def run_search(config, workdir: str) -> dict:
     """Runs (or resumes) the search in ``workdir``; returns the best candidate's record."""
     workdir = epath.Path(workdir)
+    checks.validate_config(config)
+    validate_search_config(config)
+    generations = math.ceil(config.search.num_candidates / config.search.population)
+    done = _completed_generations(workdir)
+    if done is not None and done >= generations:  # finished: nothing to build or train (a re-run to re-score)
+        workdir_lib.check_workdir_config(workdir, config, resume_step=done)
+        log.info("the search in %s has finished its %d generations", workdir, generations)
+        return max(_read_log(workdir, before_generation=done), key=lambda record: record["reward"])
     search = prepare_search(config)
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ocp.CheckpointManager((workdir / SEARCH_CHECKPOINTS).absolute(),
@@ -283,7 +291,6 @@ def run_search(config, workdir: str) -> dict:
     ppo_settings = search.ppo
     ppo_state = ppo_lib.init_ppo_state(search.controller.init(jax.random.key(config.seed + 1)), ppo_settings,
                                        search.controller)
-    generations = math.ceil(config.search.num_candidates / config.search.population)
     generation, reference = 0, math.nan
     if latest is not None:
         template = {"ppo": ppo_state, "reference": np.zeros((), np.float32)}
@@ -320,6 +327,18 @@ def run_search(config, workdir: str) -> dict:
             bar.close()
             manager.close()
     return max(records, key=lambda record: record["reward"])
+
+
+def _completed_generations(workdir: epath.Path) -> int | None:
+    """How many generations the search in ``workdir`` has checkpointed (None: it has not started)."""
+    if not (workdir / SEARCH_CHECKPOINTS).is_dir():
+        return None
+    manager = ocp.CheckpointManager((workdir / SEARCH_CHECKPOINTS).absolute(),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 def _read_log(workdir: epath.Path, *, before_generation: int) -> list[dict]:

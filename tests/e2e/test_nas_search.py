@@ -1,5 +1,6 @@
 """The search loop on the tiny dataset: it completes and writes its outputs, compiles its population step once,
-and a search stopped by SIGTERM after a generation resumes with the genotypes an uninterrupted search samples."""
+re-scores its best genotypes, and (`-m exhaustive`) a search stopped by SIGTERM after a generation resumes with the
+genotypes an uninterrupted search samples."""
 
 import contextlib
 import importlib
@@ -44,7 +45,7 @@ def genotype_sequence(workdir):
             .splitlines()]
 
 
-def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_dir, tmp_path, monkeypatch, caplog):
+def test_search_writes_outputs_compiles_once_and_rescores_its_best(data_dir, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="auxmtl_jax")
     traces = []
     step = population_lib.population_train_step
@@ -114,6 +115,12 @@ def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_
     assert json.loads((straight / rescore_lib.RESCORE_FILE).read_text())["by_seed"]["2"]["ranks"] == [2, 1]
     monkeypatch.undo()
 
+
+@pytest.mark.exhaustive  # CI stops and resumes training runs by signal (test_preemption, test_multiprocess)
+def test_a_search_stopped_by_sigterm_resumes_with_the_same_genotypes(data_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    programs.run(search_config(data_dir), str(straight))
+    lines = [json.loads(line) for line in (straight / search_lib.SEARCH_LOG).read_text().splitlines()]
     # sent SIGTERM during the second generation (after the first one's checkpoint): the search stops at its next
     # population step, that generation discarded, and the re-run samples the same genotypes
     assert threading.current_thread() is threading.main_thread()  # where signal handlers run

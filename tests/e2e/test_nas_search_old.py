@@ -1,0 +1,126 @@
+"""The search loop on the tiny dataset: it completes and writes its outputs, compiles its population step once,
+and a search stopped by SIGTERM after a generation resumes with the genotypes an uninterrupted search samples."""
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from auxmtl_jax import nas
+from auxmtl_jax import programs
+from auxmtl_jax.analysis import plot, search_plot
+from auxmtl_jax.nas import population as population_lib
+from auxmtl_jax.nas import search as search_lib
+from auxmtl_jax.training import preemption
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def search_config(data_dir, num_candidates=4):
+    config = importlib.import_module("auxmtl_configs.nas_search").get_config("runlocal")
+    config.dataset.data_dir = data_dir
+    # a small space keeps the searchable network quick to compile
+    config.search.tasks = ("segmentation", "depth")
+    config.search.stages = ("stage4", "stage5")
+    config.search.num_candidates = num_candidates
+    config.search.population = 2
+    config.search.steps = (2, 1)
+    config.search.termination_fraction = 1.0  # about half of the later candidates stop after the first stage
+    return config
+
+
+def genotype_sequence(workdir):
+    return [json.dumps(json.loads(line)["genotype"]) for line in (workdir / search_lib.SEARCH_LOG).read_text()
+            .splitlines()]
+
+
+def test_search_writes_outputs_compiles_once_and_resumes_the_same_sequence(data_dir, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="auxmtl_jax")
+    traces = []
+    step = population_lib.population_train_step
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(population_lib, "population_train_step", counted)
+    straight = tmp_path / "straight"
+    best = programs.run(search_config(data_dir), str(straight))
+    assert len(traces) == 1  # two generations, one compiled population step
+    assert "each generation's 2 candidates are split over 2 devices" in caplog.text  # 4 host devices in tests
+    lines = [json.loads(line) for line in (straight / search_lib.SEARCH_LOG).read_text().splitlines()]
+    assert [line["candidate"] for line in lines] == list(range(4))
+    assert {"genotype", "reward", "metrics", "steps_trained", "early_terminated", "seconds"} <= set(lines[0])
+    assert all(0 < line["reward"] <= 1 for line in lines)
+    assert {line["steps_trained"] for line in lines} <= {2, 3}
+    assert any(line["early_terminated"] for line in lines[2:]) or all(line["steps_trained"] == 3 for line in lines)
+    best_genotype = nas.load_genotype(straight / search_lib.BEST_GENOTYPE)
+    assert best["reward"] == max(line["reward"] for line in lines)
+    assert best_genotype == nas.genotype_from_json_dict(best["genotype"])
+    assert best_genotype.space == nas.CellSpace(("segmentation", "depth"), ("stage4", "stage5"), 2)
+    for line in lines:  # the test split is never touched: metrics come from the meta-val slice
+        assert set(line["metrics"]) == {"segmentation", "depth", "normal"}
+    for figure in ("search_rewards.png", "search_operations.png", "best_genotype.png"):
+        assert (straight / figure).stat().st_size > 10_000, figure
+    generations, shares = search_plot.operation_shares(lines)
+    assert list(generations) == [0, 1] and np.allclose(shares.sum(axis=1), 1.0)
+    first = nas.genotype_from_json_dict(lines[0]["genotype"]).as_array()[..., 2:4].reshape(-1)
+    second = nas.genotype_from_json_dict(lines[1]["genotype"]).as_array()[..., 2:4].reshape(-1)
+    expected = np.bincount(np.concatenate([first, second]), minlength=len(nas.OPERATIONS)) / (first.size * 2)
+    np.testing.assert_allclose(shares[0], expected)
+    with pytest.raises(SystemExit, match="^1$"):
+        plot.main(["search", str(tmp_path / "nowhere")])
+
+    # sent SIGTERM during the second generation (after the first one's checkpoint): the search stops at its next
+    # population step, that generation discarded, and the re-run samples the same genotypes
+    assert threading.current_thread() is threading.main_thread()  # where signal handlers run
+    killed = tmp_path / "killed"
+    run_generation = search_lib.run_generation
+
+    def signalled_in_second_generation(search, ppo_state, generation, reference):
+        if generation == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run_generation(search, ppo_state, generation, reference)
+
+    monkeypatch.setattr(search_lib, "run_generation", signalled_in_second_generation)
+    with pytest.raises(preemption.Preempted, match="stopped the search during generation 1, which is discarded; "
+                                                   "re-run the same command to resume after generation 0"):
+        programs.run(search_config(data_dir), str(killed))
+    assert len(genotype_sequence(killed)) == 2
+    monkeypatch.setattr(search_lib, "run_generation", run_generation)
+    programs.run(search_config(data_dir), str(killed))
+    assert genotype_sequence(killed) == genotype_sequence(straight)
+    rewards = [json.loads(line)["reward"] for line in (killed / search_lib.SEARCH_LOG).read_text().splitlines()]
+    assert rewards == pytest.approx([line["reward"] for line in lines], rel=1e-4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("population", 0, r"search\.population=0; expected a positive integer"),
+    ("steps", (0, 1), r"search\.steps=\(0, 1\); expected"),
+    ("polyak_decay", 1.0, r"search\.polyak_decay=1\.0"),
+    ("meta_train_fraction", 1.0, r"search\.meta_train_fraction=1\.0"),
+    ("ppo.buffer_size", 1, r"search\.population=2 exceeds search\.ppo\.buffer_size=1"),
+    ("devices", 5, r"search\.devices=5; expected 0 \(every local device\) up to the 4 local device"),
+    ("ppo.clip", 0.2, r"search\.ppo: unknown field\(s\) \['clip'\]"),
+    ("ppo.epochs", 0, r"search\.ppo: PPOConfig: .*epochs must be >= 1"),
+])
+def test_bad_search_settings_fail_before_anything_is_written(field, value, message, data_dir, tmp_path):
+    config = search_config(data_dir)
+    *parents, leaf = field.split(".")
+    node = config.search
+    for parent in parents:
+        node = node[parent]
+    with node.ignore_type() if hasattr(node, "ignore_type") else contextlib.nullcontext():
+        node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        programs.run(config, str(tmp_path / "search"))
+    assert not (tmp_path / "search").exists()

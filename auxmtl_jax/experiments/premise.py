@@ -220,8 +220,8 @@ def _nas_evidence() -> Experiment:
     written before the search). The rank stability of the search (its top 3 re-scored under seed 1) is in the
     search's rescore.json; it is reported beside this experiment, not tested.
 
-    Commands (after `off_task_start`, whose runs it reuses; the search about 30 min on 2 cores, each new run about
-    1 min):
+    Commands (after `off_task_start`, whose runs it reuses; measured on 2 cores shared with another experiment:
+    the search 52 min, its re-scoring 14 min, the 20 new runs 57 min):
 
       python run.py --config=configs/nas_search.py:evaluation --workdir=workdirs/nas_search_evaluation \
         --config.model.encoder_init=workdirs/encoder_start_normals --config.dataset.config=demo_large_test

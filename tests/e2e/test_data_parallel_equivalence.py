@@ -110,6 +110,7 @@ def assert_same_gradient(reference: dict[str, np.ndarray], other: dict[str, np.n
     assert not failures, f"{what}: {len(failures)} of {len(reference)} leaves differ:\n" + "\n".join(failures)
 
 
+@pytest.mark.exhaustive  # CI: two processes train, stop and resume in test_multiprocess (about 100 s here)
 def test_first_step_gradient_is_the_same_on_1_device_4_devices_and_2_processes(tmp_path):
     assert jax.device_count() >= 4
     with TwoProcessStep(tmp_path) as two_processes:  # runs while this process takes the 1- and 4-device steps

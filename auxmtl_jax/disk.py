@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -176,6 +177,23 @@ def append(path, data: bytes, doing: str) -> None:
                 raise
         finally:
             os.close(handle)
+
+
+def read_json_lines(path) -> list[dict]:
+    """The JSON objects of a file written a line at a time with `append` ([] when there is no file). A line that is
+    not a JSON object is skipped: a kill can cut the last line short, and a reader must still resume."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -195,6 +195,14 @@ def test_metrics_and_tensorboard_appends_are_whole_lines_or_nothing(medium):
         assert position == len(data)
 
 
+def test_json_lines_are_read_back_without_a_line_a_kill_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert disk.read_json_lines(path) == []  # no file yet
+    disk.append(path, b'{"step": 1}\n[2, 3]\n\n{"step": 2}\n', "appending")
+    path.write_text(path.read_text() + '{"step": 3, "lo')
+    assert disk.read_json_lines(path) == [{"step": 1}, {"step": 2}]  # neither a list nor half a line
+
+
 def test_results_of_a_finished_run_survive_a_full_disk(medium):
     results = {"depth": {"abs_err": 0.5}}
     evaluate.write_results(epath.Path(medium.root), "joint", 6, results, None)

@@ -8,7 +8,6 @@ operation among the op tokens of each generation: the paper observes ``skip`` be
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from auxmtl_jax import disk  # noqa: E402
 from auxmtl_jax.analysis.figures import AnalysisInputError, save_figure  # noqa: E402
 from auxmtl_jax.analysis.genotype_plot import plot_genotype  # noqa: E402
 from auxmtl_jax.models.genotype import OPERATIONS, genotype_from_json_dict  # noqa: E402
@@ -31,7 +31,7 @@ def read_search_log(workdir: str | os.PathLike) -> list[dict]:
     path = Path(workdir) / SEARCH_LOG
     if not path.exists():
         raise AnalysisInputError(f"{path} does not exist; expected a search workdir (configs/nas_search.py)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = disk.read_json_lines(path)  # a last line cut short by a kill is skipped
     if not records:
         raise AnalysisInputError(f"{path} has no candidates yet")
     return records

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from auxmtl_jax import input_pipeline
+from auxmtl_jax import disk, input_pipeline
 from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.models.genotype import genotype_from_json_dict
 from auxmtl_jax.nas import population as population_lib
@@ -34,14 +34,7 @@ SUMMARY_FILE = "search_summary.md"  # the search and its re-scoring in numbers, 
 
 def read_search_log(workdir) -> list[dict]:
     """The candidates of WORKDIR/search.jsonl (without rewriting it; an unparsable line is skipped)."""
-    path = epath.Path(workdir) / search_lib.SEARCH_LOG
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else ():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+    return disk.read_json_lines(epath.Path(workdir) / search_lib.SEARCH_LOG)
 
 
 def top_genotypes(records: Sequence[Mapping], top: int) -> list[dict]:

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from auxmtl_jax import input_pipeline
+from auxmtl_jax import disk, input_pipeline
 from auxmtl_jax import workdir as workdir_lib
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.models import build_model
@@ -346,14 +346,7 @@ def _read_log(workdir: epath.Path, *, before_generation: int) -> list[dict]:
     path = workdir / SEARCH_LOG
     if not path.exists():
         return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("generation", math.inf) < before_generation:
-            kept.append(record)
+    kept = [record for record in disk.read_json_lines(path) if record.get("generation", math.inf) < before_generation]
     workdir_lib.write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
     return kept
 

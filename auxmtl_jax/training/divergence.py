@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from etils import epath
+
+from auxmtl_jax import disk
 
 LOSS_RISE_LIMIT = 4.0  # a main loss above this many times the lowest one logged before it has risen
 NORM_GROWTH_LIMIT = 10.0  # a parameter norm above this many times the first checkpoint's has grown
@@ -150,19 +151,10 @@ def judge(kept_steps: Iterable[int], losses: Sequence[Measure], norms: Sequence[
 
 
 def read_records(workdir: epath.Path, metrics_file: str) -> list[dict]:
-    """The parsable lines of WORKDIR/metrics.jsonl ([] when there is none, e.g. on a host that does not write it)."""
-    path = epath.Path(workdir) / metrics_file
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+    """The parsable lines of WORKDIR/metrics.jsonl with a step ([] when there is none, e.g. on a host that does not
+    write it)."""
+    return [record for record in disk.read_json_lines(epath.Path(workdir) / metrics_file)
+            if isinstance(record.get("step"), int)]
 
 
 def lower_learning_rate(learning_rate: float) -> str:

@@ -108,3 +108,14 @@ def test_non_png_output_is_refused_before_anything_is_written(tmp_path, capsys):
         plot.main(["genotype", str(EXAMPLE), "--out", str(out)])
     assert "expected a path ending in .png" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_search_plot_reads_a_log_whose_last_line_a_kill_cut_short(tmp_path):
+    from auxmtl_jax.analysis import search_plot
+    from auxmtl_jax.analysis.figures import AnalysisInputError
+    from auxmtl_jax.workdir import SEARCH_LOG
+    with pytest.raises(AnalysisInputError, match="does not exist; expected a search workdir"):
+        search_plot.read_search_log(tmp_path)
+    record = {"generation": 0, "candidate": 0, "reward": 0.5}
+    (tmp_path / SEARCH_LOG).write_text(json.dumps(record) + '\n{"generation": 0, "cand')
+    assert search_plot.read_search_log(tmp_path) == [record]

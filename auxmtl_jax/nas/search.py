@@ -177,9 +177,11 @@ def prepare_search(config) -> SearchSetup:
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
     channels = state_lib.task_channels(config.tasks, dataset.num_classes)
-    probe = build_model(config.model, channels)
+    crop = tuple(config.input.crop_size)  # what `model.aspp_rates='feature'` scales the rates to
+    probe = build_model(config.model, channels, input_size=crop)
     space = search_space(config, probe.stage_names)
-    model = build_model(config.model, channels, aux_cfg=SimpleNamespace(genotype=space, channels=config.aux.channels))
+    model = build_model(config.model, channels, aux_cfg=SimpleNamespace(genotype=space, channels=config.aux.channels),
+                        input_size=crop)
     lr_fn = state_lib.run_learning_rate_fn(config, sum(config.search.steps))
     start, tx = state_lib.create_train_state(config, model, jax.random.key(config.seed), lr_fn)
     step_fn = functools.partial(population_lib.population_train_step, model=model, config=config, tx=tx,

@@ -168,3 +168,13 @@ def test_bad_search_settings_fail_before_anything_is_written(field, value, messa
     with pytest.raises(ValueError, match=message):
         programs.run(config, str(tmp_path / "search"))
     assert not (tmp_path / "search").exists()
+
+
+def test_the_search_network_scales_its_aspp_rates_to_the_search_crop(data_dir):
+    from auxmtl_jax.models.decoders import resolve_aspp_rates
+    config = search_config(data_dir)
+    config.model.decoder = "context"
+    config.model.aspp_rates = "feature"
+    setup = search_lib.prepare_search(config)
+    stride = setup.model.main.output_stride
+    assert setup.model.main.aspp_rates == resolve_aspp_rates("feature", stride, tuple(config.input.crop_size))

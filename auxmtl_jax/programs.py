@@ -21,7 +21,6 @@ from auxmtl_jax import errors
 from auxmtl_jax import parallel
 from auxmtl_jax import variants
 from auxmtl_jax import workdir as workdir_lib
-from auxmtl_jax.analysis import figures, images, search_plot
 from auxmtl_jax.augment import model_input
 from auxmtl_jax.errors import UserError
 from auxmtl_jax.nas import rescore as rescore_lib
@@ -77,6 +76,7 @@ def search(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     best = search_lib.run_search(config, workdir)
     rescore_lib.run_rescore(config, workdir)
     if jax.process_index() == 0:
+        from auxmtl_jax.analysis import search_plot  # matplotlib loads with the first figure, not with every command
         for path in search_plot.write_search_figures(workdir):
             log.info("wrote %s", path)
     return best
@@ -116,6 +116,7 @@ def _after_run(config, workdir: epath.Path, trained: loop.TrainedRun) -> None:
 
 
 def _write_sweep_figures(config, workdir: epath.Path, run_workdirs: Mapping[str, epath.Path]) -> None:
+    from auxmtl_jax.analysis import figures  # matplotlib loads with the first figure, not with every command
     task = "depth" if "depth" in config.tasks else config.tasks[0]
     paths = figures.write_sweep_figures({name: str(path) for name, path in run_workdirs.items()}, str(workdir),
                                         task=task)
@@ -125,6 +126,7 @@ def _write_sweep_figures(config, workdir: epath.Path, run_workdirs: Mapping[str,
 
 def _write_prediction_figure(config, workdir: epath.Path, trained: loop.TrainedRun) -> None:
     """predictions.png: inputs, targets and `main`'s predictions for the first test images."""
+    from auxmtl_jax.analysis import images  # matplotlib loads with the first figure, not with every command
     model, state, dataset = trained.model, trained.state, trained.dataset
     batch = next(iter(trained.eval_data))
     count = min(4, len(batch["image"]))

@@ -169,6 +169,17 @@ class SearchSetup:
         return jax.device_put(tree, population_lib.candidate_sharding(self.mesh))
 
 
+def build_search_model(config, num_classes: int | None):
+    """(the network with every candidate cell of the search space, that space), built for the training crop as a
+    trained model is (`model.aspp_rates='feature'` scales to it)."""
+    channels = state_lib.task_channels(config.tasks, num_classes)
+    crop = tuple(config.input.crop_size)
+    space = search_space(config, build_model(config.model, channels, input_size=crop).stage_names)
+    model = build_model(config.model, channels, aux_cfg=SimpleNamespace(genotype=space, channels=config.aux.channels),
+                        input_size=crop)
+    return model, space
+
+
 def prepare_search(config) -> SearchSetup:
     """Validates the config, prepares the data and compiles-on-first-use everything a search reuses."""
     checks.validate_config(config)
@@ -176,12 +187,7 @@ def prepare_search(config) -> SearchSetup:
     checks.check_input_files(config)
     input_pipeline.prepare_dataset(config.dataset)
     dataset = input_pipeline.dataset_info(config.dataset)
-    channels = state_lib.task_channels(config.tasks, dataset.num_classes)
-    crop = tuple(config.input.crop_size)  # what `model.aspp_rates='feature'` scales the rates to
-    probe = build_model(config.model, channels, input_size=crop)
-    space = search_space(config, probe.stage_names)
-    model = build_model(config.model, channels, aux_cfg=SimpleNamespace(genotype=space, channels=config.aux.channels),
-                        input_size=crop)
+    model, space = build_search_model(config, dataset.num_classes)
     lr_fn = state_lib.run_learning_rate_fn(config, sum(config.search.steps))
     start, tx = state_lib.create_train_state(config, model, jax.random.key(config.seed), lr_fn)
     step_fn = functools.partial(population_lib.population_train_step, model=model, config=config, tx=tx,

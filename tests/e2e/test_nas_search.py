@@ -1,6 +1,6 @@
 """The search loop on the tiny dataset: it completes and writes its outputs, compiles its population step once,
-re-scores its best genotypes, and (`-m exhaustive`) a search stopped by SIGTERM after a generation resumes with the
-genotypes an uninterrupted search samples."""
+re-scores its best genotypes, and (`-m exhaustive`) re-scoring under the search's seed reproduces its rewards and a
+search stopped by SIGTERM after a generation resumes with the genotypes an uninterrupted search samples."""
 
 import contextlib
 import importlib
@@ -82,14 +82,9 @@ def test_search_writes_outputs_compiles_once_and_rescores_its_best(data_dir, tmp
     with pytest.raises(SystemExit, match="^1$"):
         plot.main(["search", str(tmp_path / "nowhere")])
 
-    # re-scoring trains from the seed's start on the search's batches: under the search's own seed it reproduces
-    # the reward of every fully trained candidate
-    full = [line for line in lines if line["steps_trained"] == 3][:2]
-    config = search_config(data_dir)
-    again = rescore_lib.score_under_seed(config, [line["genotype"] for line in full], seed=config.seed)
-    assert again == pytest.approx([line["reward"] for line in full], rel=1e-4)
     # the finished search re-run with `search.rescore` set: nothing is searched again, the top 2 distinct genotypes
     # are scored under seed 1 and ranked; a re-run with a second seed scores only that one
+    config = search_config(data_dir)
     scored = []
 
     def fake_score(config, genotypes, seed):
@@ -114,6 +109,19 @@ def test_search_writes_outputs_compiles_once_and_rescores_its_best(data_dir, tmp
     assert scored == [1, 2]
     assert json.loads((straight / rescore_lib.RESCORE_FILE).read_text())["by_seed"]["2"]["ranks"] == [2, 1]
     monkeypatch.undo()
+
+
+@pytest.mark.exhaustive  # about 40 s; CI checks the re-scoring's program hook, ranks and summary above
+def test_rescoring_under_the_search_seed_reproduces_its_rewards(data_dir, tmp_path):
+    """Re-scoring trains from the seed's start on the search's batches: under the search's own seed it reproduces
+    the reward of every fully trained candidate."""
+    config = search_config(data_dir)
+    programs.run(config, str(tmp_path))
+    lines = [json.loads(line) for line in (tmp_path / search_lib.SEARCH_LOG).read_text().splitlines()]
+    full = [line for line in lines if line["steps_trained"] == 3][:2]
+    assert full
+    again = rescore_lib.score_under_seed(search_config(data_dir), [line["genotype"] for line in full], seed=config.seed)
+    assert again == pytest.approx([line["reward"] for line in full], rel=1e-4)
 
 
 @pytest.mark.exhaustive  # CI stops and resumes training runs by signal (test_preemption, test_multiprocess)
@@ -175,6 +183,6 @@ def test_the_search_network_scales_its_aspp_rates_to_the_search_crop(data_dir):
     config = search_config(data_dir)
     config.model.decoder = "context"
     config.model.aspp_rates = "feature"
-    setup = search_lib.prepare_search(config)
-    stride = setup.model.main.output_stride
-    assert setup.model.main.aspp_rates == resolve_aspp_rates("feature", stride, tuple(config.input.crop_size))
+    model, _ = search_lib.build_search_model(config, num_classes=13)
+    assert model.main.aspp_rates == resolve_aspp_rates("feature", model.main.output_stride,
+                                                       tuple(config.input.crop_size))

@@ -28,9 +28,6 @@ from auxmtl_jax import programs
 from test_nyu_v2 import _write_mtan
 from test_pretrained import torchvision_mobilenet_v2_state_dict
 
-# `inputs` trains the run the cases resume once, on one worker (`--dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("bad_inputs")
-
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RUNLOCAL = "configs/synthetic_three_task.py:runlocal,strategy=joint"
 

@@ -13,9 +13,6 @@ from auxmtl_jax import checkpoint as checkpoint_lib
 from auxmtl_jax import programs
 from test_train import tiny_config
 
-# `finished_run` trains the run it damages once, on one worker (`--dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("checkpoint_integrity")
-
 STEPS = 6  # checkpoints at 2, 4 and 6
 
 

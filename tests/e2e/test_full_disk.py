@@ -33,9 +33,6 @@ from auxmtl_jax import errors
 from auxmtl_jax import programs
 from test_train import final_params, tiny_config
 
-# `uninterrupted` trains the reference run once, on one worker (`--dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("full_disk")
-
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RUNLOCAL = "configs/synthetic_three_task.py:runlocal,strategy=joint"
 STEPS = 6  # checkpoints at 2, 4 and 6

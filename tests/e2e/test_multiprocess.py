@@ -24,9 +24,6 @@ from auxmtl_jax import coordination
 from auxmtl_jax import input_pipeline
 from auxmtl_jax.training import preemption
 
-# `straight` trains the uninterrupted 2-process run once, on one worker (`--dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 NUM_PROCESSES = 2
 NUM_TRAIN_STEPS = 6  # multiprocess_worker's: logs and checkpoints at 2, 4, 6; evaluations at 3, 6

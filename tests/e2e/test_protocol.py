@@ -14,9 +14,6 @@ from auxmtl_jax import input_pipeline
 from auxmtl_jax import programs
 from auxmtl_jax import training
 
-# `segmentation_prior` trains the prior once, on one worker (`--dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("protocol")
-
 LEARNING_RATE = 0.01
 
 

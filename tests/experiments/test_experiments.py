@@ -27,9 +27,6 @@ from auxmtl_jax.experiments.definitions import (BEYOND_THE_PAPER, PAPER_ENDPOINT
                                                 variants_experiment)
 from test_train import KilledAfter
 
-# `finished_pair` trains a tiny experiment once, on one worker (`--dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("experiments")
-
 
 def test_t_interval_by_hand():
     # [1, 2, 3, 4]: mean 2.5, s = sqrt(5/3), t(0.975, 3 df) = 3.182446 -> half-width 3.182446 * s / 2

@@ -18,9 +18,6 @@ from auxmtl_jax.models import build_model
 from auxmtl_jax.nas import population as population_lib
 from test_models import TASKS, model_config, random_batch
 
-# `setup` compiles the population step once, on one worker (`--dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("nas_population")
-
 SPACE = nas.CellSpace(("segmentation", "depth"), ("stage4", "stage5"), 2)
 POLYAK_DECAY = 0.9
 

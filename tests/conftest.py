@@ -33,11 +33,14 @@ for folder in sorted(path for path in TESTS.iterdir() if path.is_dir() and not p
 
 
 OPT_IN_MARKERS = ("weighting_matrix", "exhaustive")
+# Folders whose files take minutes each. They are collected first, so that under `--dist loadfile` they start
+# first and the many short files fill the end, instead of one worker finishing a long file alone (CI time).
+LONG_FILES_FIRST = ("e2e", "experiments")
 
 
 def pytest_collection_modifyitems(config, items):
     """Opt-in tests (`weighting_matrix`: 7 minutes; `exhaustive`: every strategy of every shipped config) run only
-    when the -m expression names their marker, whatever else -m says."""
+    when the -m expression names their marker, whatever else -m says; the long files' tests come first."""
     expression = config.getoption("markexpr") or ""
     for marker in OPT_IN_MARKERS:
         if marker in expression:
@@ -46,3 +49,4 @@ def pytest_collection_modifyitems(config, items):
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if not item.get_closest_marker(marker)]
+    items.sort(key=lambda item: item.path.parent.name not in LONG_FILES_FIRST)  # stable: file order is kept

@@ -18,6 +18,6 @@ what=${1:-}
 shift || true
 case "$what" in
   demo) exec "$py" run.py --config=configs/synthetic_three_task.py --workdir=workdirs/demo "$@" ;;
-  test) exec "$py" -m pytest -n 2 --dist loadfile tests "$@" ;;
+  test) exec "$py" -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests "$@" ;;
   *) echo "usage: bash quickstart.sh demo|test [args...]" >&2; exit 2 ;;
 esac

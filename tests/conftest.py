@@ -33,8 +33,9 @@ for folder in sorted(path for path in TESTS.iterdir() if path.is_dir() and not p
 
 
 OPT_IN_MARKERS = ("weighting_matrix", "exhaustive")
-# Folders whose files take minutes each. They are collected first, so that under `--dist loadfile` they start
-# first and the many short files fill the end, instead of one worker finishing a long file alone (CI time).
+# Folders whose files take minutes each. They are collected first, so that under `--dist loadfile
+# --no-loadscope-reorder` they start first and the many short files fill the end, instead of one worker finishing
+# a long file alone (xdist's default order, most tests first, left test_multiprocess's 270 s to the end).
 LONG_FILES_FIRST = ("e2e", "experiments")
 
 

@@ -6,9 +6,11 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from auxmtl_jax.analysis import plot
+from auxmtl_jax.analysis import plot, search_plot
+from auxmtl_jax.analysis.figures import AnalysisInputError
 from auxmtl_jax.analysis.genotype_plot import HEAD_EDGE_GID, OP_EDGE_GID, genotype_edges, genotype_figure
 from auxmtl_jax.nas import basic_genotype, load_genotype, output_locations
+from auxmtl_jax.workdir import SEARCH_LOG
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "genotypes" / "example_three_task.json"
 
@@ -111,9 +113,6 @@ def test_non_png_output_is_refused_before_anything_is_written(tmp_path, capsys):
 
 
 def test_the_search_plot_reads_a_log_whose_last_line_a_kill_cut_short(tmp_path):
-    from auxmtl_jax.analysis import search_plot
-    from auxmtl_jax.analysis.figures import AnalysisInputError
-    from auxmtl_jax.workdir import SEARCH_LOG
     with pytest.raises(AnalysisInputError, match="does not exist; expected a search workdir"):
         search_plot.read_search_log(tmp_path)
     record = {"generation": 0, "candidate": 0, "reward": 0.5}

@@ -16,6 +16,7 @@ import pytest
 from auxmtl_jax import nas
 from auxmtl_jax import programs
 from auxmtl_jax.analysis import plot, search_plot
+from auxmtl_jax.models.decoders import resolve_aspp_rates
 from auxmtl_jax.nas import population as population_lib
 from auxmtl_jax.nas import rescore as rescore_lib
 from auxmtl_jax.nas import search as search_lib
@@ -179,7 +180,6 @@ def test_bad_search_settings_fail_before_anything_is_written(field, value, messa
 
 
 def test_the_search_network_scales_its_aspp_rates_to_the_search_crop(data_dir):
-    from auxmtl_jax.models.decoders import resolve_aspp_rates
     config = search_config(data_dir)
     config.model.decoder = "context"
     config.model.aspp_rates = "feature"
